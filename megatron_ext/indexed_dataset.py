@@ -6,7 +6,8 @@ Megatron-DeepSpeed.
     | int32 sizes[N] | int64 pointers[N] (byte offsets into P.bin) | int64 doc_idx[D]
 `P.bin` is every sequence's tokens back to back.
 
-Reading is zero-copy (numpy views over mmaps). Writing goes to a temporary name and is renamed
+Reading is zero-copy (numpy views over mmaps; a view keeps its mmap alive, so arrays handed out
+stay valid after the dataset object is gone — the maps are never closed by hand). Writing goes to a temporary name and is renamed
 into place only by `finalize`, index last, so a prefix whose `.idx` exists is always complete.
 All offset arithmetic is int64: datasets past 2**31 tokens or bytes are ordinary.
 """
@@ -120,11 +121,6 @@ class MMapIndexedDataset:
                     f"{path}: doc_idx must start at 0 and end at the sequence count {n}; got "
                     f"{self._doc_idx[:1].tolist()} ... {self._doc_idx[-1:].tolist()}")
 
-        def __del__(self):
-            if getattr(self, "_buffer_mmap", None) is not None:
-                self._buffer_mmap._mmap.close()
-                del self._buffer_mmap
-
         @property
         def sizes(self) -> np.ndarray:
             return self._sizes
@@ -179,11 +175,6 @@ class MMapIndexedDataset:
 
     def __setstate__(self, state):
         self.__init__(state)
-
-    def __del__(self):
-        if getattr(self, "_bin_buffer_mmap", None) is not None:
-            self._bin_buffer_mmap._mmap.close()
-            del self._bin_buffer_mmap
 
     def __len__(self) -> int:
         return len(self._index)

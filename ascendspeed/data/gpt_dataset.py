@@ -1,0 +1,342 @@
+"""Megatron's GPT dataset: samples of seq_length + 1 tokens cut from a shuffled, multi-epoch
+stream of sequences, with doc_idx / sample_idx / shuffle_idx equal to Megatron-DeepSpeed's bit for
+bit (docs/data.md walks through the construction; ../shared/specs/megatron_data.md is the spec).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ascendspeed.data import index_cache, index_helpers
+from megatron_ext.indexed_dataset import MMapIndexedDataset, make_dataset
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "valid", "test")
+BIGSCIENCE_CUTOFF_LAST_EPOCH = 0.95  # the fork that trained BLOOM
+MEGATRON_LM_CUTOFF_LAST_EPOCH = 0.80  # NVIDIA Megatron-LM, Microsoft Megatron-DeepSpeed, AscendSpeed 2023
+
+
+class DatasetConfigError(ValueError):
+    """Data flags that cannot produce the requested samples; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------- splits
+def parse_split_string(splits_string: str) -> list[float]:
+    """'969, 30, 1' (or '90/8/2', or '100') -> three fractions summing to 1."""
+    separator = "," if "," in splits_string else "/" if "/" in splits_string else None
+    pieces = splits_string.split(separator) if separator else [splits_string]
+    try:
+        splits = [float(piece) for piece in pieces]
+    except ValueError:
+        raise DatasetConfigError(f"--split {splits_string!r}: expected up to three numbers such as "
+                                 f"'969, 30, 1'") from None
+    if any(s < 0 or math.isnan(s) for s in splits):
+        raise DatasetConfigError(f"--split {splits_string!r}: proportions must be >= 0")
+    splits = (splits + [0.0, 0.0, 0.0])[:3]
+    total = sum(splits)
+    if not total > 0.0:
+        raise DatasetConfigError(f"--split {splits_string!r}: proportions sum to 0")
+    return [split / total for split in splits]
+
+
+def get_train_valid_test_split_(splits_string: str, size: int) -> list[int]:
+    """Document boundaries [0, a, b, size] by Megatron's legacy rule: round each share, then move
+    the whole rounding error onto the train split."""
+    splits = parse_split_string(splits_string)
+    splits_index = [0]
+    for split in splits:
+        splits_index.append(splits_index[-1] + int(round(split * float(size))))
+    diff = splits_index[-1] - size
+    for index in range(1, len(splits_index)):
+        splits_index[index] -= diff
+    assert len(splits_index) == 4 and splits_index[-1] == size
+    return splits_index
+
+
+def get_split_by_range_(range_string: str, size: int) -> list[int]:
+    """'START:END' fractions -> [round(START*size), round(END*size)] (BigScience option 2)."""
+    try:
+        start, end = (float(piece) for piece in range_string.split(":"))
+    except ValueError:
+        raise DatasetConfigError(f"range {range_string!r}: expected START:END, e.g. 0:0.95") from None
+    if not (0.0 <= start < end <= 1.0):
+        raise DatasetConfigError(f"range {range_string!r}: need 0 <= START < END <= 1")
+    return [round(start * float(size)), round(end * float(size))]
+
+
+# ---------------------------------------------------------------------------------- index plan
+@dataclass(frozen=True)
+class IndexPlan:
+    """The cheap numbers that decide the arrays (and the error messages when they cannot exist)."""
+    tokens_per_epoch: int
+    num_epochs: int
+    separate_last_epoch: bool
+    num_samples_from_epochs_minus_one: int  # samples that fit in the first E - 1 epochs
+    total_samples: int  # len(dataset) = rows of sample_idx - 1
+
+
+def plan_index_mappings(tokens_per_epoch: int, num_samples: int, seq_length: int,
+                        cutoff_last_epoch: float, where: str) -> IndexPlan:
+    if num_samples < 0:
+        raise DatasetConfigError(f"{where}: negative sample count {num_samples}")
+    if tokens_per_epoch <= 0 and num_samples > 0:
+        raise DatasetConfigError(
+            f"{where}: its documents hold no tokens, so it cannot give the {num_samples} samples "
+            f"asked for; give this split documents (--split) or request no samples from it")
+    # Smallest E >= 1 with floor((E*T - 1) / L) >= num_samples (one token is shared by neighbours).
+    num_epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch)) if num_samples else 1
+    total_samples = (num_epochs * tokens_per_epoch - 1) // seq_length if tokens_per_epoch else 0
+    if num_epochs == 1:
+        return IndexPlan(tokens_per_epoch, 1, False, 0, total_samples)
+    samples_before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+    last_epoch_samples = num_samples - samples_before_last
+    samples_per_epoch = (tokens_per_epoch - 1) // seq_length
+    if samples_per_epoch == 0:
+        raise DatasetConfigError(
+            f"{where}: one epoch holds {tokens_per_epoch} tokens, less than one sample of "
+            f"--seq-length + 1 = {seq_length + 1} tokens, so {num_samples} samples cannot be cut "
+            f"from it; use a shorter --seq-length, give this split more documents (--split), or "
+            f"request fewer samples (--train-samples/--train-iters/--eval-iters)")
+    # BigScience asserts last <= per_epoch; the boundary case last == per_epoch + 1 (NVIDIA
+    # issue #176, NeMo #6513) is allowed as Megatron-LM core does: it is never separated.
+    assert 0 <= last_epoch_samples <= samples_per_epoch + 1, (where, last_epoch_samples)
+    separate = last_epoch_samples < int(cutoff_last_epoch * samples_per_epoch)
+    return IndexPlan(tokens_per_epoch, num_epochs, separate, samples_before_last, total_samples)
+
+
+def compute_index_mappings(documents: np.ndarray, sizes: np.ndarray, plan: IndexPlan,
+                           seq_length: int, seed: int) -> dict[str, np.ndarray]:
+    """doc_idx, sample_idx and shuffle_idx exactly as Megatron-DeepSpeed builds them."""
+    rng = np.random.RandomState(seed=seed)
+    documents = np.asarray(documents, dtype=np.int32)
+    if plan.separate_last_epoch:
+        doc_idx = np.concatenate([_shuffled_doc_idx(documents, plan.num_epochs - 1, rng),
+                                  _shuffled_doc_idx(documents, 1, rng)])
+    else:
+        doc_idx = _shuffled_doc_idx(documents, plan.num_epochs, rng)
+    sample_idx = index_helpers.build_sample_idx(sizes, doc_idx, seq_length, plan.total_samples)
+    first = plan.num_samples_from_epochs_minus_one if plan.separate_last_epoch else plan.total_samples
+    shuffle_idx = _shuffled_sample_order(first, plan.total_samples, rng)
+    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+
+
+def _shuffled_doc_idx(documents: np.ndarray, num_epochs: int, rng) -> np.ndarray:
+    doc_idx = np.tile(documents, num_epochs)  # epoch-major, then one shuffle over all of it
+    index_helpers.shuffle(rng, doc_idx)
+    return doc_idx
+
+
+def _shuffled_sample_order(first: int, total: int, rng) -> np.ndarray:
+    dtype = np.int64 if total >= np.iinfo(np.uint32).max - 1 else np.uint32
+    head = np.arange(first, dtype=dtype)
+    index_helpers.shuffle(rng, head)
+    if first == total:
+        return head
+    tail = np.arange(first, total, dtype=dtype)  # the partial last epoch is consumed last
+    index_helpers.shuffle(rng, tail)
+    return np.concatenate([head, tail])
+
+
+def _check_megatron_cache(arrays, documents: np.ndarray, plan: IndexPlan) -> str | None:
+    """Consistency of a cache that has no sidecar with the data and decision we have now."""
+    doc_idx, sample_idx, shuffle_idx = (arrays[a] for a in index_cache.ARRAY_NAMES)
+    expected_docs = plan.num_epochs * len(documents)
+    if doc_idx.shape != (expected_docs,):
+        return f"doc_idx holds {doc_idx.shape} entries, expected {expected_docs}"
+    if sample_idx.shape != (plan.total_samples + 1, 2):
+        return f"sample_idx has shape {sample_idx.shape}, expected {(plan.total_samples + 1, 2)}"
+    if shuffle_idx.shape != (plan.total_samples,):
+        return f"shuffle_idx holds {shuffle_idx.shape} entries, expected {plan.total_samples}"
+    if len(doc_idx) and (doc_idx.min() < documents[0] or doc_idx.max() > documents[-1]):
+        return "doc_idx refers to sequences outside this split"
+    if plan.num_epochs > 1 and plan.total_samples > plan.num_samples_from_epochs_minus_one > 0:
+        tail_min = int(np.min(shuffle_idx[plan.num_samples_from_epochs_minus_one:]))
+        if plan.separate_last_epoch != (tail_min >= plan.num_samples_from_epochs_minus_one):
+            return "its last epoch was (not) shuffled separately: built with another cutoff"
+    return None
+
+
+# ---------------------------------------------------------------------------------- dataset
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples `{'text': int64[seq_length + 1]}` of one split of one indexed dataset."""
+
+    def __init__(self, name: str, data_prefix: str, documents: np.ndarray,
+                 indexed_dataset: MMapIndexedDataset, num_samples: int, seq_length: int, seed: int,
+                 *, cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
+                 data_cache_path: str | None = None, build_group=None):
+        self.name = name
+        self.indexed_dataset = indexed_dataset
+        self.seq_length = seq_length
+        documents = np.asarray(documents, dtype=np.int32)
+        if len(documents) == 0 or documents[0] < 0 or documents[-1] >= len(indexed_dataset.sizes):
+            raise DatasetConfigError(f"{data_prefix}: {name} documents must be a non-empty range "
+                                     f"of the dataset's {len(indexed_dataset.sizes)} sequences")
+        self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings(
+            name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
+            cutoff_last_epoch=cutoff_last_epoch, data_cache_path=data_cache_path,
+            build_group=build_group)
+
+    def __len__(self) -> int:
+        # Megatron: sample_idx.shape[0] - 1 (shuffle_idx may be shorter only in theory).
+        return self.sample_idx.shape[0] - 1
+
+    def __getitem__(self, idx) -> dict[str, np.ndarray]:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"{self.name} sample {idx} out of range [0, {len(self)})")
+        idx = self.shuffle_idx[idx]
+        doc_index_f, offset_f = (int(v) for v in self.sample_idx[idx])
+        doc_index_l, offset_l = (int(v) for v in self.sample_idx[idx + 1])
+        get = self.indexed_dataset.get
+        if doc_index_f == doc_index_l:
+            sample = get(self.doc_idx[doc_index_f], offset=offset_f, length=offset_l - offset_f + 1)
+        else:
+            parts = [get(self.doc_idx[doc_index_f], offset=offset_f)]
+            parts += [get(self.doc_idx[i]) for i in range(doc_index_f + 1, doc_index_l)]
+            parts.append(get(self.doc_idx[doc_index_l], length=offset_l + 1))
+            sample = np.concatenate(parts)
+        return {"text": np.array(sample, dtype=np.int64)}
+
+
+def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, sizes: np.ndarray,
+                         num_samples: int, seq_length: int, seed: int, *,
+                         cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
+                         data_cache_path: str | None = None, build_group=None):
+    """(doc_idx, sample_idx, shuffle_idx), from the cache when it is valid, else built (and cached
+    by one process per node) — every process in `build_group` must call this together."""
+    where = f"{data_prefix}: {name} split (sequences [{documents[0]}, {documents[-1] + 1}))"
+    split_sizes = sizes[documents[0]:documents[-1] + 1]
+    plan = plan_index_mappings(int(split_sizes.sum(dtype=np.int64)), num_samples, seq_length,
+                               cutoff_last_epoch, where)
+    identity = index_cache.IndexIdentity(
+        first_document=int(documents[0]), end_document=int(documents[-1]) + 1,
+        sizes_digest=index_cache.sizes_digest(split_sizes), tokens_per_epoch=plan.tokens_per_epoch,
+        num_epochs=plan.num_epochs, separate_last_epoch=plan.separate_last_epoch,
+        cutoff_last_epoch=float(cutoff_last_epoch))
+    paths = index_cache.cache_paths(data_prefix, name, num_samples, seq_length, seed, data_cache_path)
+
+    def check(arrays):
+        return _check_megatron_cache(arrays, documents, plan)
+
+    def build():
+        if index_cache.load_cached(paths, identity, check) is not None:
+            return
+        start = time.time()
+        arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed)
+        index_cache.save_atomically(paths, arrays, identity)
+        logger.info(" > built %s index mappings in %.2f s: %d epochs, %d samples, last epoch %s",
+                    name, time.time() - start, plan.num_epochs, plan.total_samples,
+                    "shuffled separately" if plan.separate_last_epoch else "mixed in")
+
+    if not index_cache.is_writable_dir(paths["doc_idx"]):
+        logger.warning(" > cannot write index caches next to %s; building them in memory "
+                       "(give --data-cache-path to keep them)", data_prefix)
+        arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed)
+    else:
+        index_cache.run_on_one_process_per_node(build, group=build_group)
+        arrays = index_cache.load_cached(paths, identity, check)
+        if arrays is None:
+            raise RuntimeError(f"index cache {paths['doc_idx']} missing after it was built; "
+                               f"is the directory shared by the processes of a node?")
+    logger.info("    %s: total number of samples %d, epochs %d", name, plan.total_samples,
+                plan.num_epochs)
+    return arrays["doc_idx"], arrays["sample_idx"], arrays["shuffle_idx"]
+
+
+# ---------------------------------------------------------------------------------- builders
+def build_train_valid_test_datasets(data_prefix, splits_string: str,
+                                    train_valid_test_num_samples, seq_length: int, seed: int, *,
+                                    data_impl: str = "mmap", skip_warmup: bool = True,
+                                    cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
+                                    data_cache_path: str | None = None, build_group=None):
+    """(train, valid, test) datasets for `--data-path PREFIX` or a blend `W1 P1 W2 P2 ...`;
+    a split with no documents gives None."""
+    from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_prefix
+
+    options = dict(data_impl=data_impl, skip_warmup=skip_warmup, cutoff_last_epoch=cutoff_last_epoch,
+                   data_cache_path=data_cache_path, build_group=build_group)
+    prefixes, weights, per_dataset_num_samples = parse_data_prefix(
+        data_prefix, train_valid_test_num_samples)
+    if weights is None:
+        return _build_splits(prefixes[0], splits_string, train_valid_test_num_samples, seq_length,
+                             seed, **options)
+    components = [_build_splits(prefix, splits_string, num_samples, seq_length, seed, **options)
+                  for prefix, num_samples in zip(prefixes, per_dataset_num_samples)]
+    return tuple(BlendableDataset.from_components([c[split] for c in components], weights)
+                 for split in range(3))
+
+
+def _build_splits(data_prefix: str, splits_string: str, train_valid_test_num_samples,
+                  seq_length: int, seed: int, *, data_impl, skip_warmup, **options):
+    indexed_dataset = make_dataset(data_prefix, data_impl, skip_warmup)
+    total = indexed_dataset.sizes.shape[0]  # GPT counts sequences, not doc_idx documents
+    splits = get_train_valid_test_split_(splits_string, total)
+    logger.info(" > dataset split of %s (%d sequences): %s", data_prefix, total,
+                ", ".join(f"{n} [{splits[i]}, {splits[i + 1]})" for i, n in enumerate(SPLIT_NAMES)))
+    datasets = []
+    for index, name in enumerate(SPLIT_NAMES):
+        dataset = None
+        if splits[index + 1] > splits[index]:
+            documents = np.arange(splits[index], splits[index + 1], dtype=np.int32)
+            dataset = GPTDataset(name, data_prefix, documents, indexed_dataset,
+                                 train_valid_test_num_samples[index], seq_length, seed, **options)
+        datasets.append(dataset)
+    return tuple(datasets)
+
+
+def build_dataset_group(dataset_group_name: str, paths, weights, splits,
+                        train_valid_test_num_samples, seq_length: int, seed: int,
+                        train_valid_test: str, *, data_impl: str = "mmap",
+                        skip_warmup: bool = True,
+                        cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
+                        data_cache_path: str | None = None, build_group=None):
+    """One named group of BigScience's `--{train,valid,test}-weighted-split-paths`:
+    each prefix contributes documents [round(START*N), round(END*N)) and the group is blended."""
+    from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_prefix
+
+    index = SPLIT_NAMES.index(train_valid_test)
+    options = dict(cutoff_last_epoch=cutoff_last_epoch, data_cache_path=data_cache_path,
+                   build_group=build_group)
+
+    def single(prefix, range_string, num_samples):
+        indexed_dataset = make_dataset(prefix, data_impl, skip_warmup)
+        start, end = get_split_by_range_(range_string, indexed_dataset.sizes.shape[0])
+        if end <= start:
+            return None
+        documents = np.arange(start, end, dtype=np.int32)
+        return GPTDataset(dataset_group_name, prefix, documents, indexed_dataset,
+                          num_samples[index], seq_length, seed, **options)
+
+    if len(paths) == 1:
+        return single(paths[0], splits[0], train_valid_test_num_samples)
+    data_prefix = [item for pair in zip(weights, paths) for item in pair]
+    prefixes, normalized, per_dataset = parse_data_prefix(data_prefix, train_valid_test_num_samples)
+    datasets = [single(p, s, n) for p, s, n in zip(prefixes, splits, per_dataset)]
+    return BlendableDataset.from_components(datasets, normalized)
+
+
+def parse_weighted_split_paths(values, flag: str):
+    """BigScience's 'NAME: W1 S1:E1 P1, W2 S2:E2 P2' -> [(name, weights, splits, paths)]."""
+    groups = []
+    for value in values:
+        if ":" not in value:
+            raise DatasetConfigError(f"{flag} {value!r}: expected 'NAME: WEIGHT START:END PREFIX, ...'")
+        name, rest = value.split(":", 1)
+        weights, splits, paths = [], [], []
+        for entry in rest.split(","):
+            parts = entry.split()
+            if len(parts) != 3:
+                raise DatasetConfigError(f"{flag} {value!r}: each dataset must be 'WEIGHT "
+                                         f"START:END PREFIX', got {entry.strip()!r}")
+            weights.append(parts[0])
+            splits.append(parts[1])
+            paths.append(parts[2])
+        groups.append((name.strip(), weights, splits, paths))
+    if flag.startswith("--train") and len(groups) > 1:
+        raise DatasetConfigError(f"{flag}: only one dataset group is allowed for training")
+    return groups

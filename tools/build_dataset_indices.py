@@ -1,0 +1,97 @@
+"""Build (or check) the GPT dataset index caches for a --data-path before a long job starts.
+
+    python tools/build_dataset_indices.py --data-path PREFIX --split 969,30,1 --seq-length 2048 \
+        --train-samples 220000000 --valid-samples 1000 [--cutoff-last-epoch 0.95]
+
+Under `torchrun` every process takes part and one process per node builds while the others wait,
+exactly as the trainer does. Prints one line per split.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ascendspeed.arguments import ConfigError, DataConfig, add_data_args, resolve_weighted_split_paths  # noqa: E402
+from ascendspeed.data.gpt_dataset import (SPLIT_NAMES, DatasetConfigError,  # noqa: E402
+                                          build_dataset_group, build_train_valid_test_datasets,
+                                          parse_weighted_split_paths)
+from megatron_ext.indexed_dataset import IndexedDatasetError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(parser)
+    group = parser.add_argument_group("samples")
+    group.add_argument("--train-samples", type=int, default=0)
+    group.add_argument("--valid-samples", type=int, default=0)
+    group.add_argument("--test-samples", type=int, default=0)
+    group.add_argument("--data-cache-path", type=str, default=None,
+                       help="directory for the index caches (default: next to the data)")
+    args = parser.parse_args(argv)
+    if not args.data_path and not args.train_weighted_split_paths \
+            and not args.train_weighted_split_paths_path:
+        parser.error("give --data-path (or --train-weighted-split-paths)")
+    return resolve_weighted_split_paths(args)
+
+
+def build(args: argparse.Namespace):
+    config = DataConfig.from_args(args)
+    num_samples = [args.train_samples, args.valid_samples, args.test_samples]
+    options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
+                   cutoff_last_epoch=config.cutoff_last_epoch, data_cache_path=args.data_cache_path)
+    if config.data_path:
+        return build_train_valid_test_datasets(list(config.data_path), config.split, num_samples,
+                                               config.seq_length, config.seed, **options)
+    datasets = []
+    for split in SPLIT_NAMES:
+        flag = f"--{split}-weighted-split-paths"
+        values = getattr(config, f"{split}_weighted_split_paths")
+        groups = parse_weighted_split_paths(values, flag) if values else []
+        built = [build_dataset_group(name, paths, weights, splits, num_samples, config.seq_length,
+                                     config.seed, split, **options)
+                 for name, weights, splits, paths in groups]
+        datasets.append(built[0] if len(built) == 1 else (built or None))
+    return tuple(datasets)
+
+
+def describe(name: str, dataset) -> str:
+    if dataset is None:
+        return f"{name}: no samples (no documents in this split, or none long enough)"
+    if isinstance(dataset, list):
+        return "; ".join(describe(name, d) for d in dataset)
+    if hasattr(dataset, "datasets"):
+        return (f"{name}: blend of {len(dataset.datasets)} datasets, {len(dataset)} samples "
+                f"(shares {', '.join(f'{w:.4f}' for w in dataset.weights)})")
+    return f"{name}: {len(dataset)} samples of {dataset.seq_length + 1} tokens"
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        import torch.distributed as dist
+        dist.init_process_group(backend="gloo")
+    start = time.time()
+    try:
+        datasets = build(args)
+    except (ConfigError, DatasetConfigError, IndexedDatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    for name, dataset in zip(SPLIT_NAMES, datasets):
+        print(describe(name, dataset))
+    print(f"index mappings ready in {time.time() - start:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
