@@ -136,6 +136,11 @@ py::array build_sample_idx_impl(const int32_t* sizes, int64_t n_sizes, const int
           ran_out = true;
           break;
         }
+        // doc_idx is walked in order but sizes is hit at random: fetch ahead to hide the misses.
+        if (doc_idx_index + 32 < n_doc_idx) {
+          const int32_t ahead = doc_idx[doc_idx_index + 32];
+          if (ahead >= 0 && ahead < n_sizes) __builtin_prefetch(sizes + ahead);
+        }
         const int32_t doc_id = doc_idx[doc_idx_index];
         if (doc_id < 0 || doc_id >= n_sizes) {
           bad_doc = true;

@@ -115,32 +115,27 @@ def compute_index_mappings(documents: np.ndarray, sizes: np.ndarray, plan: Index
     """doc_idx, sample_idx and shuffle_idx exactly as Megatron-DeepSpeed builds them."""
     rng = np.random.RandomState(seed=seed)
     documents = np.asarray(documents, dtype=np.int32)
+    # Epoch-major copies of the documents. Separated, the first E-1 epochs and the last one are
+    # shuffled apart (two draws, as Megatron's concatenation of two arrays); shuffling views in
+    # place gives the same values without the concatenated copy.
+    doc_idx = np.tile(documents, plan.num_epochs)
     if plan.separate_last_epoch:
-        doc_idx = np.concatenate([_shuffled_doc_idx(documents, plan.num_epochs - 1, rng),
-                                  _shuffled_doc_idx(documents, 1, rng)])
+        cut = (plan.num_epochs - 1) * len(documents)
+        index_helpers.shuffle(rng, doc_idx[:cut])
+        index_helpers.shuffle(rng, doc_idx[cut:])
     else:
-        doc_idx = _shuffled_doc_idx(documents, plan.num_epochs, rng)
+        index_helpers.shuffle(rng, doc_idx)
     sample_idx = index_helpers.build_sample_idx(sizes, doc_idx, seq_length, plan.total_samples)
-    first = plan.num_samples_from_epochs_minus_one if plan.separate_last_epoch else plan.total_samples
-    shuffle_idx = _shuffled_sample_order(first, plan.total_samples, rng)
-    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
-
-
-def _shuffled_doc_idx(documents: np.ndarray, num_epochs: int, rng) -> np.ndarray:
-    doc_idx = np.tile(documents, num_epochs)  # epoch-major, then one shuffle over all of it
-    index_helpers.shuffle(rng, doc_idx)
-    return doc_idx
-
-
-def _shuffled_sample_order(first: int, total: int, rng) -> np.ndarray:
+    # Sample order: one shuffle of all samples, or, separated, the partial last epoch shuffled on
+    # its own and consumed last. uint32 unless the count needs int64 (Megatron's rule).
+    total = plan.total_samples
     dtype = np.int64 if total >= np.iinfo(np.uint32).max - 1 else np.uint32
-    head = np.arange(first, dtype=dtype)
-    index_helpers.shuffle(rng, head)
-    if first == total:
-        return head
-    tail = np.arange(first, total, dtype=dtype)  # the partial last epoch is consumed last
-    index_helpers.shuffle(rng, tail)
-    return np.concatenate([head, tail])
+    shuffle_idx = np.arange(total, dtype=dtype)
+    first = plan.num_samples_from_epochs_minus_one if plan.separate_last_epoch else total
+    index_helpers.shuffle(rng, shuffle_idx[:first])
+    if first < total:
+        index_helpers.shuffle(rng, shuffle_idx[first:])
+    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
 
 def _check_megatron_cache(arrays, documents: np.ndarray, plan: IndexPlan) -> str | None:

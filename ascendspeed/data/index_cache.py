@@ -40,7 +40,7 @@ class IndexIdentity:
 
 
 def sizes_digest(sizes: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(sizes, dtype="<i4").tobytes(),
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(sizes, dtype="<i4")),
                            digest_size=16).hexdigest()
 
 
