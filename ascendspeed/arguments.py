@@ -83,6 +83,7 @@ class DataConfig:
     seq_length: int = 1024
     seed: int = 1234
     cutoff_last_epoch: float = 0.95
+    data_cache_path: str | None = None
     data_impl: str = "mmap"
     mmap_warmup: bool = False
     dataloader_type: str = "single"
@@ -115,7 +116,8 @@ class DataConfig:
                    valid_weighted_split_paths=tup(args.valid_weighted_split_paths),
                    test_weighted_split_paths=tup(args.test_weighted_split_paths),
                    seq_length=args.seq_length, seed=args.seed,
-                   cutoff_last_epoch=args.cutoff_last_epoch, data_impl=args.data_impl,
+                   cutoff_last_epoch=args.cutoff_last_epoch,
+                   data_cache_path=args.data_cache_path, data_impl=args.data_impl,
                    mmap_warmup=args.mmap_warmup, dataloader_type=args.dataloader_type,
                    num_workers=args.num_workers)
 
@@ -137,6 +139,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="a last epoch holding fewer than this fraction of an epoch's samples is "
                             "shuffled separately (0.95 BigScience/BLOOM; 0.80 NVIDIA Megatron-LM "
                             "and AscendSpeed 2023)")
+    group.add_argument("--data-cache-path", type=str, default=None,
+                       help="directory for the index caches (default: next to the data)")
     group.add_argument("--data-impl", type=str, default="mmap", choices=("mmap", "infer"))
     group.add_argument("--mmap-warmup", action="store_true")
     group.add_argument("--dataloader-type", type=str, default="single", choices=("single", "cyclic"))

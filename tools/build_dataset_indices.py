@@ -31,8 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--train-samples", type=int, default=0)
     group.add_argument("--valid-samples", type=int, default=0)
     group.add_argument("--test-samples", type=int, default=0)
-    group.add_argument("--data-cache-path", type=str, default=None,
-                       help="directory for the index caches (default: next to the data)")
     group.add_argument("--print-samples", type=int, default=0,
                        help="decode and print the first N training samples (needs the tokenizer flags)")
     add_tokenizer_args(parser)
@@ -49,7 +47,8 @@ def build(args: argparse.Namespace):
     config = DataConfig.from_args(args)
     num_samples = [args.train_samples, args.valid_samples, args.test_samples]
     options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
-                   cutoff_last_epoch=config.cutoff_last_epoch, data_cache_path=args.data_cache_path)
+                   cutoff_last_epoch=config.cutoff_last_epoch,
+                   data_cache_path=config.data_cache_path)
     if config.data_path:
         return build_train_valid_test_datasets(list(config.data_path), config.split, num_samples,
                                                config.seq_length, config.seed, **options)
