@@ -273,3 +273,14 @@ def test_cache_paths_match_megatron_names():
     assert paths["doc_idx"] == "/d/x_text_document_train_indexmap_10ns_20sl_30s_doc_idx.npy"
     assert index_cache.cache_paths("/d/x", "valid", 1, 2, 3, "/c")["shuffle_idx"] == \
         "/c/x_valid_indexmap_1ns_2sl_3s_shuffle_idx.npy"
+
+
+def test_first_train_sample_text(megatron_fixture, tmp_path):
+    from ascendspeed.data.tokenizer import GPT2BPETokenizer
+    from conftest import FIXTURE_DIR
+
+    tokenizer = GPT2BPETokenizer(os.path.join(FIXTURE_DIR, "gpt2-tiny-vocab.json"),
+                                 os.path.join(FIXTURE_DIR, "gpt2-tiny-merges.txt"))
+    train, _, _ = build(megatron_fixture, tmp_path, [10000, 0, 0])
+    text = tokenizer.detokenize(train[0]["text"].tolist())
+    assert text.startswith(" not have Humphrey Kayange to call on")
