@@ -50,6 +50,7 @@ setup(
         "regex",
         "safetensors",
         "zstandard",
+        "pybind11>=2.10",  # also what setup.py builds csrc/ with
     ],
     extras_require={"test": ["pytest>=7"]},
 )
