@@ -5,36 +5,40 @@ from __future__ import annotations
 import torch
 
 
-def _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-           data_parallel_size):
-    if total_samples <= 0:
-        raise ValueError(f"no samples to load (dataset of {total_samples} samples)")
-    if not 0 <= consumed_samples < total_samples:
-        raise ValueError(f"consumed samples {consumed_samples} must be in [0, {total_samples}): the "
-                         f"dataset is exhausted; train for fewer samples or build more")
-    if micro_batch_size <= 0:
-        raise ValueError(f"micro batch size must be positive, got {micro_batch_size}")
-    if data_parallel_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"data-parallel rank {data_parallel_rank} not in [0, {data_parallel_size})")
+class _PretrainingSampler:
+    """What both samplers share: the checked arguments and Megatron's attribute names."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        if total_samples <= 0:
+            raise ValueError(f"no samples to load (dataset of {total_samples} samples)")
+        if not 0 <= consumed_samples < total_samples:
+            raise ValueError(f"consumed samples {consumed_samples} must be in [0, {total_samples}): "
+                             f"the dataset is exhausted; train for fewer samples or build more")
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro batch size must be positive, got {micro_batch_size}")
+        if data_parallel_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data-parallel rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return self.total_samples
 
 
-class MegatronPretrainingSampler:
+class MegatronPretrainingSampler(_PretrainingSampler):
     """`--dataloader-type single`: positions consumed, consumed+1, ... cut into global blocks of
     micro_batch_size * dp; rank r takes slice [r*mbs, (r+1)*mbs) of each block."""
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True):
-        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-               data_parallel_size)
-        self.total_samples = total_samples
-        self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_rank = data_parallel_rank
-        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+        super().__init__(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+                         data_parallel_size)
         self.drop_last = drop_last
-
-    def __len__(self) -> int:
-        return self.total_samples
 
     def __iter__(self):
         block = self.micro_batch_times_data_parallel_size
@@ -49,27 +53,18 @@ class MegatronPretrainingSampler:
                 yield partial
 
 
-class MegatronPretrainingRandomSampler:
+class MegatronPretrainingRandomSampler(_PretrainingSampler):
     """`--dataloader-type cyclic`: each rank owns a contiguous bucket of positions and walks a
     torch.randperm of it seeded with the epoch number."""
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int):
-        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-               data_parallel_size)
-        self.total_samples = total_samples
-        self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_rank = data_parallel_rank
-        self.data_parallel_size = data_parallel_size
-        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+        super().__init__(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+                         data_parallel_size)
         self.last_batch_size = total_samples % self.micro_batch_times_data_parallel_size
         if total_samples < self.micro_batch_times_data_parallel_size:
             raise ValueError(f"{total_samples} samples cannot fill one global micro-batch of "
                              f"{self.micro_batch_times_data_parallel_size}")
-
-    def __len__(self) -> int:
-        return self.total_samples
 
     def __iter__(self):
         active_total_samples = self.total_samples - self.last_batch_size
