@@ -60,3 +60,12 @@ def test_split_too_small(corpus, capsys):
     code, output = run(capsys, "--data-path", corpus, "--split", "80,10,10", "--seq-length", "512",
                        "--train-samples", "10", "--test-samples", "5")
     assert code != 0 and "shorter --seq-length" in output
+
+
+def test_weighted_split_paths_option_2(corpus, capsys):
+    code, output = run(capsys, "--train-weighted-split-paths", f"TRAIN: 1 0:0.8 {corpus}, 2 0:0.8 {corpus}",
+                       "--valid-weighted-split-paths", f"VALID: 1 0.8:1 {corpus}",
+                       "--seq-length", "16", "--train-samples", "50", "--valid-samples", "5")
+    assert code == 0, output
+    assert "train: blend of 2 datasets" in output and "valid: " in output
+    assert os.path.exists(f"{corpus}_VALID_indexmap_5ns_16sl_1234s_doc_idx.npy")
