@@ -1,0 +1,120 @@
+"""Tensor-parallel layers: a vocab-split embedding, and linear layers split by output columns or
+by input rows.
+
+Weights are initialised as Megatron does with --use-cpu-initialization: the full ("master") matrix
+is drawn on the CPU by `init_method`, then each rank keeps its slice. A model therefore starts with
+the same numbers whatever its TP size, which is what makes TP=1 and TP=2 runs comparable.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascendspeed.core import parallel_state as ps
+from ascendspeed.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                       gather_from_tensor_model_parallel_region,
+                                                       reduce_from_tensor_model_parallel_region,
+                                                       scatter_to_tensor_model_parallel_region)
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def divide(numerator: int, denominator: int, what: str = "") -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what or numerator} ({numerator}) is not divisible by the tensor-parallel "
+                         f"size {denominator}")
+    return numerator // denominator
+
+
+def _master_slice(shape, partition_dim: int, init_method: InitMethod, dtype) -> torch.Tensor:
+    """Draw the full matrix in fp32 on the CPU and return this rank's contiguous slice."""
+    master = torch.empty(shape, dtype=torch.float32)
+    init_method(master)
+    world, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return master.chunk(world, dim=partition_dim)[rank].to(dtype).contiguous()
+
+
+def _mark(param: nn.Parameter, parallel: bool, partition_dim: int = -1) -> nn.Parameter:
+    """Megatron's attributes: a TP-split parameter, or one every TP rank holds in full."""
+    param.tensor_model_parallel = parallel
+    param.partition_dim = partition_dim
+    return param
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [r*V/t, (r+1)*V/t); partial lookups are summed over the TP group."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_method: InitMethod,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        world = ps.get_tensor_model_parallel_world_size()
+        self.num_embeddings = num_embeddings
+        self.num_embeddings_per_partition = divide(num_embeddings, world, "the padded vocab size")
+        self.vocab_start_index = ps.get_tensor_model_parallel_rank() * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        weight = _master_slice((num_embeddings, embedding_dim), 0, init_method, params_dtype)
+        self.weight = _mark(nn.Parameter(weight.to(device)), True, 0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() and (int(input_ids.max()) >= self.num_embeddings or int(input_ids.min()) < 0):
+            raise IndexError(f"token id {int(input_ids.max())} outside the padded vocabulary "
+                             f"[0, {self.num_embeddings})")
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+        local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(partial)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by output features; the output stays split unless gather_output."""
+
+    def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
+                 gather_output: bool = False, params_dtype=torch.float32, device=None):
+        super().__init__()
+        world = ps.get_tensor_model_parallel_world_size()
+        self.output_size_per_partition = divide(output_size, world, "the output size")
+        self.gather_output = gather_output
+        weight = _master_slice((output_size, input_size), 0, init_method, params_dtype)
+        self.weight = _mark(nn.Parameter(weight.to(device)), True, 0)
+        self.bias = None
+        if bias:
+            zeros = torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device)
+            self.bias = _mark(nn.Parameter(zeros), True, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by input features: partial products are summed over the TP
+    group, then the (replicated) bias is added once. With skip_bias_add the bias is returned for
+    the caller to fuse into bias-dropout-add."""
+
+    def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
+                 input_is_parallel: bool = True, skip_bias_add: bool = False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        world = ps.get_tensor_model_parallel_world_size()
+        self.input_size_per_partition = divide(input_size, world, "the input size")
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        weight = _master_slice((output_size, input_size), 1, init_method, params_dtype)
+        self.weight = _mark(nn.Parameter(weight.to(device)), True, 1)
+        self.bias = None
+        if bias:
+            zeros = torch.zeros(output_size, dtype=params_dtype, device=device)
+            self.bias = _mark(nn.Parameter(zeros), False)
+
+    def forward(self, x: torch.Tensor):
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        if self.skip_bias_add:
+            return y, self.bias
+        return y + self.bias if self.bias is not None else y

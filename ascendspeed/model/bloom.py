@@ -1,0 +1,192 @@
+"""BLOOM, split by tensor parallelism.
+
+    ids -> word embeddings -> embedding LayerNorm -> dropout
+        -> L x [ x + drop(attn(LN(x))) ;  x + drop(mlp(LN(x))) ]
+        -> final LayerNorm -> logits = x @ word_embeddings^T (tied head, no bias)
+
+Attention is causal with ALiBi: score(q, k) = q.k / sqrt(hd) + slope_h * pos_k (softmax ignores
+the per-row constant that the textbook slope * (k - q) would add). The fused QKV output is ordered
+[heads, 3, head_dim]. The numerics follow ../shared/specs/bloom_model.md and equal Hugging Face's
+BloomForCausalLM. The parallel machinery lives in ascendspeed.core: this file only says which
+layers are split by columns, by rows or by vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascendspeed.core import parallel_state as ps
+from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                              VocabParallelEmbedding,
+                                              copy_to_tensor_model_parallel_region, divide,
+                                              get_rng_tracker, vocab_parallel_cross_entropy)
+
+
+@dataclass(frozen=True)
+class BloomConfig:
+    vocab_size: int  # padded: divisible by the tensor-parallel size
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int | None = None  # 4 * hidden_size
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    embed_layernorm: bool = True
+    init_seed: int = 1234
+    params_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by "
+                             f"--num-attention-heads {self.num_attention_heads}")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Slopes for all heads, computed as Hugging Face does (float32 powers) for bit-parity."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:  # the odd powers of the 2*closest series fill the remaining heads
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU with the truncated constant 0.79788456 (what BLOOM trained with)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def _normal(std: float, generator: torch.Generator):
+    return lambda tensor: tensor.normal_(0.0, std, generator=generator)
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        h, dtype = config.hidden_size, config.params_dtype
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, _normal(config.init_method_std, generator),
+                                                    params_dtype=dtype)
+        self.dense = RowParallelLinear(h, h, _normal(output_std, generator), skip_bias_add=True,
+                                       params_dtype=dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor):
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, hd]
+        dropout = self.dropout if self.training else 0.0
+        with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                                     dropout_p=dropout,
+                                                     scale=1.0 / math.sqrt(self.head_dim))
+        return self.dense(context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
+        super().__init__()
+        h, ffn, dtype = config.hidden_size, config.ffn_size, config.params_dtype
+        self.dense_h_to_4h = ColumnParallelLinear(h, ffn, _normal(config.init_method_std, generator),
+                                                  params_dtype=dtype)
+        self.dense_4h_to_h = RowParallelLinear(ffn, h, _normal(output_std, generator),
+                                               skip_bias_add=True, params_dtype=dtype)
+
+    def forward(self, x: torch.Tensor):
+        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, config: BloomConfig, layer_number: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, layer_number))
+        output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)  # scaled init
+        h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
+        self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        self.self_attention = BloomAttention(config, generator, output_std)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        self.mlp = BloomMLP(config, generator, output_std)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(x), attention_bias)
+        x = x + F.dropout(out + bias, self.hidden_dropout, self.training)
+        out, bias = self.mlp(self.post_attention_layernorm(x))
+        return x + F.dropout(out + bias, self.hidden_dropout, self.training)
+
+
+def _layer_seed(seed: int, layer_number: int) -> int:
+    """Each component draws its initial weights from its own stream, so a layer starts the same
+    whatever the parallel layout (layer 0 = the embedding)."""
+    return (seed * 1_000_003 + layer_number) % (2 ** 63)
+
+
+class BloomModel(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.config = config
+        h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
+        generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, 0))
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype)
+        # The embedding LayerNorm's eps is fixed at 1e-5 in Megatron-DeepSpeed and HF alike.
+        self.embedding_layernorm = nn.LayerNorm(h, eps=1e-5, dtype=dtype) if config.embed_layernorm else None
+        self.layers = nn.ModuleList(BloomBlock(config, i + 1) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
+        # Slopes of all heads, then this rank's contiguous block (matching the QKV column split).
+        self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads)
+                             [rank * heads:(rank + 1) * heads].clone(), persistent=False)
+
+    def attention_bias(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
+                       device) -> torch.Tensor:
+        """Additive fp32 bias [b, heads, s, s]: ALiBi by key position, and the dtype minimum where
+        a key is in the future or padding (a fully masked row becomes uniform, as in HF)."""
+        if attention_mask is None:
+            positions = torch.arange(seq, device=device, dtype=torch.float32).expand(batch, seq)
+            key_ok = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        else:
+            mask = attention_mask.to(device=device, dtype=torch.long)
+            positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # counted from the first real token
+            key_ok = mask.bool()
+        alibi = self.alibi_slopes.to(device)[None, :, None, None] * positions[:, None, None, :]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        allowed = causal[None, None] & key_ok[:, None, None, :]
+        return alibi.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token loss [b, s] (fp32)."""
+        b, s = input_ids.shape
+        x = self.word_embeddings(input_ids)
+        if self.embedding_layernorm is not None:
+            x = self.embedding_layernorm(x)
+        x = F.dropout(x, self.config.hidden_dropout, self.training)
+        bias = self.attention_bias(b, s, attention_mask, x.device)
+        for layer in self.layers:
+            x = layer(x, bias)
+        x = self.final_layernorm(x)
+        logits = F.linear(copy_to_tensor_model_parallel_region(x), self.word_embeddings.weight)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits.float(), labels)

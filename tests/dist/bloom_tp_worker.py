@@ -1,0 +1,105 @@
+"""Run under torchrun by tests/test_bloom_tp.py: a random HF BloomForCausalLM loaded into our
+BloomModel at the launched TP size. Checks logits against HF, vocab-parallel CE against
+F.cross_entropy, then trains a few AdamW steps and writes losses + gathered weights to --out."""
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+
+from ascendspeed.core import parallel_state as ps
+from ascendspeed.core.tensor_parallel import (gather_from_tensor_model_parallel_region,
+                                              model_parallel_seed, vocab_parallel_cross_entropy)
+from ascendspeed.model.bloom import BloomConfig, BloomModel
+from ascendspeed.model.hf_bloom import shard_from_hf
+
+
+def gathered_state(model):
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if getattr(param, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+            parts = [torch.empty_like(tensor) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            dist.all_gather(parts, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+            tensor = torch.cat(parts, dim=param.partition_dim)
+        out[name] = tensor.clone()
+    return out
+
+
+def replicated_identical(model):
+    """Every replicated parameter bitwise equal on all TP ranks (BLOOM-176B's drift bug)."""
+    for name, param in model.named_parameters():
+        if getattr(param, "tensor_model_parallel", False) is False:
+            parts = [torch.empty_like(param) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            dist.all_gather(parts, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+            if not all(torch.equal(parts[0], p) for p in parts):
+                return name
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    tp = dist.get_world_size()
+    ps.initialize_model_parallel(tp, 1)
+    model_parallel_seed(1234)
+
+    hidden = 12 * args.heads
+    hf_config = transformers.BloomConfig(vocab_size=240, hidden_size=hidden, n_layer=2, n_head=args.heads,
+                                         hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    hf = transformers.BloomForCausalLM(hf_config).eval()
+    config = BloomConfig(vocab_size=240, hidden_size=hidden, num_layers=2, num_attention_heads=args.heads)
+    model = BloomModel(config)
+    model.load_state_dict(shard_from_hf(hf.state_dict(), config, ps.get_tensor_model_parallel_rank(), tp))
+    model.eval()
+
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 240, (4, 17), generator=generator)
+    mask = torch.ones(4, 17, dtype=torch.long)
+    mask[1, :6] = 0
+    result = {"parity": {}}
+    with torch.no_grad():
+        for label, attention_mask in (("no_mask", None), ("left_padding", mask)):
+            ours = gather_from_tensor_model_parallel_region(model(ids, attention_mask=attention_mask))
+            ref = hf(ids, attention_mask=attention_mask).logits
+            result["parity"][label] = (ours - ref).abs().max().item()
+        logits = model(ids[:, :-1])
+        targets = ids[:, 1:]
+        ce = vocab_parallel_cross_entropy(logits.float(), targets)
+        full = gather_from_tensor_model_parallel_region(logits)
+        reference = F.cross_entropy(full.reshape(-1, 240).float(), targets.reshape(-1), reduction="none")
+        result["ce_diff"] = (ce.reshape(-1) - reference).abs().max().item()
+
+    # Training: same data, AdamW, fp32, no dropout; the loss is what Megatron averages.
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    for _ in range(args.steps):
+        batch = torch.randint(0, 240, (4, 17), generator=generator)
+        loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    result["losses"] = losses
+    result["replicated_differs"] = replicated_identical(model)
+    state = gathered_state(model)
+    if dist.get_rank() == 0:
+        torch.save(state, args.out + ".pt")
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()  # nobody tears gloo down while a peer is still in a collective
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

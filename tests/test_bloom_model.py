@@ -1,0 +1,101 @@
+"""BLOOM numerics on one process: HF parity, ALiBi slopes, GELU, init, bad input."""
+import math
+
+import pytest
+import torch
+import transformers
+
+from ascendspeed.core.parallel_state import ParallelLayoutError, rank_groups
+from ascendspeed.model.bloom import BloomConfig, BloomModel, alibi_slopes, bloom_gelu
+from ascendspeed.model.hf_bloom import shard_from_hf
+
+
+def hf_and_ours(heads, hidden, layers=2, vocab=256):
+    hf_config = transformers.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
+                                         hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    hf = transformers.BloomForCausalLM(hf_config).eval()
+    config = BloomConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=heads)
+    model = BloomModel(config).eval()
+    model.load_state_dict(shard_from_hf(hf.state_dict(), config, 0, 1), strict=True)
+    return hf, model
+
+
+@pytest.mark.parametrize("heads,hidden", [(4, 48), (6, 72)])
+def test_logits_equal_hf(heads, hidden):
+    hf, model = hf_and_ours(heads, hidden)
+    ids = torch.randint(0, 256, (3, 19), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 19, dtype=torch.long)
+    mask[1, :7] = 0
+    mask[2, :1] = 0
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            ref = hf(ids, attention_mask=attention_mask).logits
+            assert (model(ids, attention_mask=attention_mask) - ref).abs().max() <= 1e-5
+
+
+def test_loss_equals_hf_loss():
+    hf, model = hf_and_ours(4, 48)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids, labels=ids).loss
+        ours = model(ids[:, :-1], labels=ids[:, 1:]).mean()
+    assert abs(ref.item() - ours.item()) <= 1e-5
+
+
+def test_alibi_slopes_match_spec_and_hf():
+    assert alibi_slopes(4).tolist() == [0.25, 0.0625, 0.015625, 0.00390625]
+    assert alibi_slopes(6)[:2].tolist() == [0.25, 0.0625]
+    slopes = alibi_slopes(112)
+    assert math.isclose(slopes[0].item(), 0.917004, rel_tol=1e-6)
+    assert math.isclose(slopes[63].item(), 0.00390625, rel_tol=1e-6)
+    assert math.isclose(slopes[64].item(), 0.957603, rel_tol=1e-6)
+    assert math.isclose(slopes[111].item(), 0.0163168, rel_tol=1e-5)
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    for heads in (4, 6, 12, 16, 32, 112):
+        hf = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]
+        assert torch.equal(alibi_slopes(heads), hf)  # bit-exact, as HF computes them
+
+
+def test_bloom_gelu_uses_truncated_constant():
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    expected = 0.5 * x * (1 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    assert torch.equal(bloom_gelu(x), expected)
+
+
+def test_init_statistics_and_scaled_output_layers():
+    config = BloomConfig(vocab_size=512, hidden_size=64, num_layers=8, num_attention_heads=4,
+                         init_method_std=0.02)
+    model = BloomModel(config)
+    layer = model.layers[0]
+    assert abs(layer.self_attention.query_key_value.weight.std().item() - 0.02) < 2e-3
+    scaled = 0.02 / math.sqrt(2 * 8)
+    assert abs(layer.mlp.dense_4h_to_h.weight.std().item() - scaled) < 1e-3
+    assert torch.all(layer.self_attention.dense.bias == 0)
+    assert torch.all(layer.input_layernorm.weight == 1)
+    # Same seed, same weights; another seed, other weights.
+    again = BloomModel(config)
+    assert torch.equal(again.word_embeddings.weight, model.word_embeddings.weight)
+    other = BloomModel(BloomConfig(**{**config.__dict__, "init_seed": 7}))
+    assert not torch.equal(other.word_embeddings.weight, model.word_embeddings.weight)
+
+
+def test_token_id_outside_padded_vocab_is_an_error():
+    model = BloomModel(BloomConfig(vocab_size=128, hidden_size=16, num_layers=1, num_attention_heads=2))
+    with pytest.raises(IndexError, match="outside the padded vocabulary"):
+        model(torch.tensor([[1, 128]]))
+
+
+def test_hidden_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="--hidden-size 50 is not divisible by --num-attention-heads 4"):
+        BloomConfig(vocab_size=128, hidden_size=50, num_layers=1, num_attention_heads=4)
+
+
+def test_megatron_rank_order():
+    groups = rank_groups(16, 2, 4)  # Megatron's documented example
+    assert groups["tp"][:2] == [[0, 1], [2, 3]]
+    assert groups["dp"][:3] == [[0, 2], [1, 3], [4, 6]]
+    assert groups["pp"][:2] == [[0, 4, 8, 12], [1, 5, 9, 13]]
+    assert groups["embedding"][0] == [0, 12]
+    with pytest.raises(ParallelLayoutError, match="world size 6 is not divisible"):
+        rank_groups(6, 4, 1)
