@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ascendspeed.core import parallel_state as ps
 
@@ -52,4 +53,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
                                  target: torch.Tensor) -> torch.Tensor:
     """Per-token loss [..] for logits [.., V/TP] (fp32 recommended) and global target ids."""
+    if ps.get_tensor_model_parallel_world_size() == 1:  # the whole vocab is here: the fused kernel
+        flat = vocab_parallel_logits.reshape(-1, vocab_parallel_logits.size(-1))
+        return F.cross_entropy(flat, target.reshape(-1), reduction="none").view_as(target)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target)
