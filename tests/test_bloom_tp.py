@@ -38,8 +38,5 @@ def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads):
     reference, reference_weights = tp1_4 if heads == 4 else run_worker(tmp_path, 1, heads)
     for ours, ref in zip(result["losses"], reference["losses"]):
         assert abs(ours - ref) <= 1e-5 * abs(ref)
-    # After 10 AdamW steps of lr 1e-2 (weights move ~1e-1): Adam turns gradients that are pure
-    # rounding noise (the key bias gets none in exact arithmetic) into steps up to lr * noise/eps,
-    # so the weights agree to 1e-4 absolute, not to the last bit.
     for name, tensor in reference_weights.items():
-        assert torch.allclose(weights[name], tensor, rtol=0, atol=1e-4), name
+        assert torch.allclose(weights[name], tensor, rtol=1e-4, atol=1e-6), name

@@ -160,11 +160,11 @@ class BloomModel(nn.Module):
 
     def attention_bias(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
                        device) -> torch.Tensor:
-        """Additive fp32 bias [b, heads, s, s]: ALiBi by key position, and the dtype minimum where
+        """Additive fp32 bias [b or 1, heads, s, s]: ALiBi by key position, and the dtype minimum where
         a key is in the future or padding (a fully masked row becomes uniform, as in HF)."""
-        if attention_mask is None:
-            positions = torch.arange(seq, device=device, dtype=torch.float32).expand(batch, seq)
-            key_ok = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if attention_mask is None:  # one [1, heads, s, s] bias broadcast over the batch
+            positions = torch.arange(seq, device=device, dtype=torch.float32)[None]
+            key_ok = torch.ones(1, seq, dtype=torch.bool, device=device)
         else:
             mask = attention_mask.to(device=device, dtype=torch.long)
             positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # counted from the first real token

@@ -1,0 +1,258 @@
+"""The pretraining loop: set up processes and groups, build model, optimizer and data, then
+iterate micro-batches -> gradient all-reduce over data parallelism -> global-norm clipping ->
+AdamW step -> LR schedule, logging in Megatron's format and evaluating on schedule.
+
+Data: every rank builds the datasets (one process per node builds the index caches) and reads
+its data-parallel slice; tensor-parallel peers read the same micro-batches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ascendspeed import device
+from ascendspeed.arguments import PretrainConfig
+from ascendspeed.core import parallel_state as ps
+from ascendspeed.core.tensor_parallel import model_parallel_seed
+from ascendspeed.data.gpt_dataset import build_train_valid_test_datasets
+from ascendspeed.data.samplers import build_pretraining_data_loader
+from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
+from ascendspeed.model.bloom import BloomConfig, BloomModel
+from ascendspeed.optimizer.lr_scheduler import OptimizerParamScheduler
+from ascendspeed.optimizer.param_groups import get_param_groups
+from ascendspeed.training_log import (TensorBoardWriter, format_iteration_line,
+                                      measure_throughput, model_flops_per_iteration,
+                                      validation_log_lines)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for callers and tests (losses are averages over data-parallel ranks)."""
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    validation_losses: dict[int, float] = field(default_factory=dict)
+
+
+def initialize_distributed(config: PretrainConfig) -> None:
+    """Join the process group torchrun describes (if any) and create the TP/PP/DP groups."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != config.parallel.world_size:
+        raise RuntimeError(f"configured for {config.parallel.world_size} processes, launched with "
+                           f"{world_size}")
+    if world_size > 1 and not dist.is_initialized():
+        device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=config.parallel.distributed_backend or device.default_backend())
+    if dist.is_initialized():
+        ps.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
+                                     config.parallel.pipeline_model_parallel_size)
+    model_parallel_seed(config.training.seed)
+
+
+def is_logging_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
+    m = config.model
+    bloom = BloomConfig(vocab_size=padded_vocab_size, hidden_size=m.hidden_size,
+                        num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                        ffn_hidden_size=m.ffn_hidden_size, layernorm_epsilon=m.layernorm_epsilon,
+                        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+                        init_method_std=m.init_method_std, embed_layernorm=m.embed_layernorm,
+                        init_seed=config.training.seed)
+    return BloomModel(bloom).to(device.current_device())
+
+
+def build_data_loaders(config: PretrainConfig):
+    data, training = config.data, config.training
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        list(data.data_path), data.split, training.train_valid_test_num_samples(), data.seq_length,
+        training.seed, data_impl=data.data_impl, skip_warmup=not data.mmap_warmup,
+        cutoff_last_epoch=data.cutoff_last_epoch, data_cache_path=data.data_cache_path)
+    options = dict(dataloader_type=data.dataloader_type, num_workers=data.num_workers)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    train = build_pretraining_data_loader(train_ds, 0, training.micro_batch_size, dp_rank, dp_size,
+                                          **options)
+    valid = None
+    if valid_ds is not None and len(valid_ds) and training.eval_iters > 0:
+        valid = build_pretraining_data_loader(valid_ds, 0, training.micro_batch_size, dp_rank,
+                                              dp_size, **options)
+    return train, valid
+
+
+def _cycle(loader):
+    """Megatron's cyclic_iter: a sampler that runs out (cyclic, one epoch) starts over."""
+    while True:
+        yield from loader
+
+
+def micro_batch_loss(model, batch) -> torch.Tensor:
+    """Megatron's GPT loss: tokens = text[:, :-1], labels = text[:, 1:], mean over the tokens."""
+    text = batch["text"].to(device.current_device())
+    losses = model(text[:, :-1], labels=text[:, 1:])
+    return losses.float().mean()
+
+
+def all_reduce_gradients(model) -> None:
+    """Average gradients over the data-parallel group (one flat all-reduce)."""
+    if ps.get_data_parallel_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    flat /= ps.get_data_parallel_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global L2 norm over every parameter of the model, counting a TP-replicated parameter once
+    (only TP rank 0 adds it); scale the gradients down to max_norm when above it."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    squares = torch.zeros((), dtype=torch.float32, device=device.current_device())
+    grads = []
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+            squares += param.grad.float().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+    total = math.sqrt(squares.item())
+    if max_norm > 0 and total > max_norm:
+        coefficient = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coefficient)
+    return total
+
+
+def _average_over_data_parallel(value: float) -> float:
+    if ps.get_data_parallel_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return tensor.item() / ps.get_data_parallel_world_size()
+
+
+def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig):
+    """One iteration over num_microbatches micro-batches; returns (loss, grad norm)."""
+    training = config.training
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(training.num_microbatches):
+        loss = micro_batch_loss(model, next(data_iterator))
+        (loss / training.num_microbatches).backward()
+        total += loss.item()
+    all_reduce_gradients(model)
+    grad_norm = clip_grad_norm(model, training.clip_grad)
+    optimizer.step()
+    scheduler.step(training.global_batch_size)
+    return _average_over_data_parallel(total / training.num_microbatches), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, data_iterator, config: PretrainConfig) -> float:
+    model.eval()
+    total = 0.0
+    steps = config.training.eval_iters * config.training.num_microbatches
+    for _ in range(steps):
+        total += micro_batch_loss(model, next(data_iterator)).item()
+    model.train()
+    return _average_over_data_parallel(total / steps)
+
+
+def pretrain(config: PretrainConfig, log=print) -> TrainResult:
+    initialize_distributed(config)
+    for notice in config.notices:
+        logger.info(notice)
+    tokenizer = build_tokenizer(config.tokenizer)
+    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size,
+                                           config.tokenizer.make_vocab_size_divisible_by,
+                                           config.parallel.tensor_model_parallel_size,
+                                           config.tokenizer.pad_vocab_size_to)
+    model = build_model(config, padded_vocab)
+    model.train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(get_param_groups(model, opt.weight_decay), lr=opt.lr,
+                                  betas=opt.betas, eps=opt.adam_eps)
+    scheduler = OptimizerParamScheduler.from_config(optimizer, config)
+    if is_logging_rank():
+        params = sum(p.numel() for p in model.parameters())
+        log(f" > {params:,} parameters on this rank (padded vocab {padded_vocab}, tokenizer "
+            f"{tokenizer.vocab_size}); world {config.parallel.world_size} = TP "
+            f"{config.parallel.tensor_model_parallel_size} x PP "
+            f"{config.parallel.pipeline_model_parallel_size} x DP {config.parallel.data_parallel_size}")
+    train_loader, valid_loader = build_data_loaders(config)
+    train_iterator = _cycle(train_loader)
+    valid_iterator = _cycle(valid_loader) if valid_loader is not None else None
+
+    training = config.training
+    writer = TensorBoardWriter(training.tensorboard_dir if is_logging_rank() else None,
+                               training.tensorboard_queue_size)
+    flops = model_flops_per_iteration(config.model, training.global_batch_size,
+                                      config.model.seq_length, padded_vocab)
+    result = TrainResult()
+    interval_loss, interval_start = 0.0, time.time()
+    for iteration in range(1, training.train_iters + 1):
+        loss, grad_norm = train_step(model, optimizer, scheduler, train_iterator, config)
+        result.iteration = iteration
+        result.consumed_train_samples += training.global_batch_size
+        result.losses.append(loss)
+        result.grad_norms.append(grad_norm)
+        interval_loss += loss
+        if iteration % training.log_interval == 0 or iteration == training.train_iters:
+            device.synchronize()
+            steps = iteration - (iteration - 1) // training.log_interval * training.log_interval
+            seconds = (time.time() - interval_start) / steps
+            throughput = measure_throughput(
+                flops_per_iteration=flops,
+                tokens_per_iteration=training.global_batch_size * config.model.seq_length,
+                seconds_per_iteration=seconds, world_size=config.parallel.world_size,
+                peak_flops=training.peak_flops)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            if is_logging_rank():
+                log(format_iteration_line(
+                    iteration=iteration, train_iters=training.train_iters,
+                    consumed_samples=result.consumed_train_samples,
+                    seconds_per_iteration=seconds, learning_rate=learning_rate,
+                    global_batch_size=training.global_batch_size,
+                    losses={"lm loss": interval_loss / steps}, grad_norm=grad_norm,
+                    throughput=throughput))
+                writer.log_training(iteration, result.consumed_train_samples,
+                                    learning_rate=learning_rate,
+                                    global_batch_size=training.global_batch_size,
+                                    losses={"lm loss": interval_loss / steps},
+                                    grad_norm=grad_norm, seconds_per_iteration=seconds,
+                                    throughput=throughput,
+                                    log_batch_size=training.log_batch_size_to_tensorboard)
+            interval_loss, interval_start = 0.0, time.time()
+        if valid_iterator is not None and iteration % training.eval_interval == 0:
+            valid_loss = evaluate(model, valid_iterator, config)
+            result.validation_losses[iteration] = valid_loss
+            if is_logging_rank():
+                for line in validation_log_lines(iteration, {"lm loss": valid_loss}):
+                    log(line)
+                writer.log_validation(iteration, result.consumed_train_samples,
+                                      {"lm loss": valid_loss},
+                                      log_ppl=training.log_validation_ppl_to_tensorboard)
+            interval_start = time.time()  # evaluation time is not training time
+        if training.exit_interval and iteration % training.exit_interval == 0:
+            if is_logging_rank():
+                log(f" exiting at iteration {iteration} (--exit-interval {training.exit_interval})")
+            break
+    writer.close()
+    result.model = model
+    return result

@@ -1,0 +1,47 @@
+"""Pretrain BLOOM with tensor (and, as they land, pipeline and data) parallelism.
+
+    torchrun --nproc_per_node 2 pretrain_bloom.py --tensor-model-parallel-size 2 \
+        --num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 \
+        --micro-batch-size 4 --global-batch-size 8 --train-iters 100 --lr 1e-3 \
+        --position-embedding-type alibi --embed-layernorm \
+        --data-path data/shakespeare/shakespeare_text_document \
+        --tokenizer-type PretrainedFromHF --tokenizer-name-or-path data/shakespeare/tokenizer
+
+Flags are Megatron-LM / Megatron-DeepSpeed's (see ascendspeed/arguments.py); flags of features
+not built yet are refused with a clear message rather than ignored.
+"""
+import logging
+import os
+import sys
+
+from ascendspeed.arguments import ConfigError, PretrainConfig, parse_args
+from ascendspeed.data.gpt_dataset import DatasetConfigError
+from megatron_ext.indexed_dataset import IndexedDatasetError
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
+    args = parse_args(argv)
+    try:
+        config = PretrainConfig.from_args(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as error:  # before any process group exists: nothing can hang
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from ascendspeed.training import pretrain
+
+    try:
+        pretrain(config, log=lambda line: print(line, flush=True))
+    except (ConfigError, DatasetConfigError, IndexedDatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""pretrain_bloom.py end to end with real processes: TP=2 and DP=2 reproduce the TP=1 losses,
+and bad input is refused before any process group can hang."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from megatron_ext.indexed_dataset import MMapIndexedDatasetBuilder
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A random-token dataset and a GPT-2 BPE tokenizer of 200 ids (vocab + merges files)."""
+    import json
+
+    root = tmp_path_factory.mktemp("pretrain")
+    symbols = [chr(c) for c in range(ord("!"), ord("~") + 1)] + \
+        [chr(c) for c in range(ord("¡"), ord("¬") + 1)] + [chr(c) for c in range(ord("®"), ord("ÿ") + 1)]
+    symbols += [chr(256 + i) for i in range(256 - len(symbols))]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab["<|endoftext|>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    prefix = str(root / "random_text_document")
+    builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.RandomState(0)
+    for _ in range(300):
+        builder.add_item(rng.randint(0, 257, size=rng.randint(20, 200)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return root, prefix
+
+
+def model_args(corpus, *extra):
+    root, prefix = corpus
+    return ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--train-iters", "10", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
+            "--position-embedding-type", "alibi", "--embed-layernorm", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--data-path", prefix, "--split", "90,10,0",
+            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(root / "vocab.json"),
+            "--merge-file", str(root / "merges.txt"), "--log-interval", "1", "--eval-interval", "5",
+            "--eval-iters", "2", "--num-workers", "0", "--seed", "7",
+            "--pad-vocab-size-to", "512", *extra]  # the same padded vocab at every TP size
+
+
+def launch(nproc, args, timeout=300):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def losses(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", result.stdout)]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    return losses(launch(1, model_args(corpus)))
+
+
+def test_reference_run_logs_megatron_lines(corpus, reference):
+    assert len(reference) == 10 and reference[-1] < reference[0]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "1"]])  # DP = 2
+def test_two_process_layouts_reproduce_tp1(corpus, reference, layout):
+    got = losses(launch(2, model_args(corpus, *layout)))
+    assert len(got) == len(reference)
+    for ours, ref in zip(got, reference):
+        assert abs(ours - ref) <= 1e-5 * abs(ref), (got, reference)
+
+
+@pytest.mark.parametrize("nproc,extra,message", [
+    (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--hidden-size", "63"],
+     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
+    (2, ["--tensor-model-parallel-size", "3"], "world size 2 is not divisible"),
+    (1, ["--global-batch-size", "7"], "--global-batch-size 7"),
+    (1, ["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
+    (1, ["--fp16"], "--fp16: not yet supported"),
+])
+def test_bad_configuration_is_refused_clearly(corpus, nproc, extra, message):
+    result = launch(nproc, model_args(corpus, *extra), timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_unknown_flag(corpus):
+    result = launch(1, model_args(corpus, "--no-such-flag"), timeout=120)
+    assert result.returncode != 0 and "unrecognized arguments: --no-such-flag" in result.stderr
