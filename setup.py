@@ -51,6 +51,7 @@ setup(
         "safetensors",
         "zstandard",
         "pybind11>=2.10",  # also what setup.py builds csrc/ with
+        "tensorboard",  # --tensorboard-dir
     ],
     extras_require={"test": ["pytest>=7"]},
 )

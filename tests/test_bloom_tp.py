@@ -40,3 +40,18 @@ def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads):
         assert abs(ours - ref) <= 1e-5 * abs(ref)
     for name, tensor in reference_weights.items():
         assert torch.allclose(weights[name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+def test_dropout_keeps_replicated_parameters_identical(tmp_path):
+    """Hidden dropout draws the same mask on every TP rank (default stream), attention dropout a
+    different one per rank (the tracker's stream): replicated parameters stay bitwise equal."""
+    out = tmp_path / "dropout.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "tests", "dist", "bloom_tp_worker.py"), "--dropout", "0.2",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["replicated_differs"] is None
+    assert report["tp_streams_differ"] and report["default_streams_equal"]

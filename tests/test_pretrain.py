@@ -64,11 +64,19 @@ def losses(result):
 
 @pytest.fixture(scope="module")
 def reference(corpus):
-    return losses(launch(1, model_args(corpus)))
+    return losses(launch(1, model_args(corpus, "--tensorboard-dir", str(corpus[0] / "tb"))))
 
 
-def test_reference_run_logs_megatron_lines(corpus, reference):
+def test_reference_run_logs_megatron_lines_and_tensorboard(corpus, reference):
     assert len(reference) == 10 and reference[-1] < reference[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(corpus[0] / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"lm loss", "learning-rate", "grad-norm", "lm loss validation"} <= set(scalars)
+    logged = [e.value for e in events.Scalars("lm loss")]
+    assert logged == pytest.approx(reference, rel=1e-6)
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],

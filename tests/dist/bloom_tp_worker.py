@@ -44,6 +44,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -58,6 +59,9 @@ def main():
     torch.manual_seed(0)
     hf = transformers.BloomForCausalLM(hf_config).eval()
     config = BloomConfig(vocab_size=240, hidden_size=hidden, num_layers=2, num_attention_heads=args.heads)
+    if args.dropout:
+        config = BloomConfig(**{**config.__dict__, "hidden_dropout": args.dropout,
+                                "attention_dropout": args.dropout})
     model = BloomModel(config)
     model.load_state_dict(shard_from_hf(hf.state_dict(), config, ps.get_tensor_model_parallel_rank(), tp))
     model.eval()
@@ -93,6 +97,15 @@ def main():
         optimizer.step()
         losses.append(loss.item())
     result["losses"] = losses
+    if args.dropout:  # the TP-rank stream must differ across ranks, the default stream must not
+        from ascendspeed.core.tensor_parallel import get_rng_tracker
+        with get_rng_tracker().fork():
+            private = torch.rand(4)
+        shared = torch.rand(4)
+        gathered = [torch.empty(8) for _ in range(tp)]
+        dist.all_gather(gathered, torch.cat([private, shared]))
+        result["tp_streams_differ"] = not torch.equal(gathered[0][:4], gathered[-1][:4])
+        result["default_streams_equal"] = all(torch.equal(g[4:], gathered[0][4:]) for g in gathered)
     result["replicated_differs"] = replicated_identical(model)
     state = gathered_state(model)
     if dist.get_rank() == 0:
