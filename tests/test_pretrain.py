@@ -105,3 +105,9 @@ def test_bad_configuration_is_refused_clearly(corpus, nproc, extra, message):
 def test_unknown_flag(corpus):
     result = launch(1, model_args(corpus, "--no-such-flag"), timeout=120)
     assert result.returncode != 0 and "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_exit_interval_stops_the_run(corpus):
+    result = launch(1, model_args(corpus, "--exit-interval", "3"), timeout=120)
+    assert len(losses(result)) == 3
+    assert "exiting at iteration 3 (--exit-interval 3)" in result.stdout
