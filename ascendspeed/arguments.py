@@ -372,19 +372,9 @@ NOT_YET_SUPPORTED = (
     ("--zero-stage", lambda a, ds: (a.zero_stage or 0) > 0 and f"got {a.zero_stage}; runs 0"),
     ("--deepspeed_config zero_optimization.stage",
      lambda a, ds: _ds_zero_stage(ds) > 0 and f"got {_ds_zero_stage(ds)}; runs 0"),
-    ("--fp16", lambda a, ds: a.fp16),
-    ("--bf16", lambda a, ds: a.bf16),
-    ("--deepspeed_config fp16.enabled", lambda a, ds: bool(_ds_section(ds, "fp16").get("enabled"))),
-    ("--deepspeed_config bf16.enabled",
-     lambda a, ds: bool(_ds_section(ds, "bf16", "bfloat16").get("enabled"))),
     ("--deepspeed_config optimizer/scheduler sections",
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
-    ("--loss-scale", lambda a, ds: a.loss_scale is not None),
-    ("--initial-loss-scale", lambda a, ds: a.initial_loss_scale != 2 ** 32),
-    ("--min-loss-scale", lambda a, ds: a.min_loss_scale != 1.0),
-    ("--loss-scale-window", lambda a, ds: a.loss_scale_window != 1000),
-    ("--hysteresis", lambda a, ds: a.hysteresis != 2),
     ("--checkpoint-activations", lambda a, ds: a.checkpoint_activations),
     ("--recompute-activations", lambda a, ds: a.recompute_activations),
     ("--recompute-granularity", lambda a, ds: a.recompute_granularity is not None),
@@ -839,6 +829,56 @@ def check_data_files(data: DataConfig) -> None:
 
 # ---------------------------------------------------------------------------------- all of it
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """--fp16 / --bf16 (or the ds_config's fp16/bf16 sections) and fp16 loss scaling.
+    loss_scale None means dynamic scaling (Megatron's default for fp16)."""
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+
+    def __post_init__(self):
+        if self.params_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"params dtype {self.params_dtype!r}: expected float32, bfloat16 or float16")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"--loss-scale must be positive (omit it for dynamic scaling), got {self.loss_scale}")
+        if self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
+            raise ConfigError("--initial-loss-scale and --min-loss-scale must be positive")
+        if self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ConfigError("--loss-scale-window and --hysteresis must be >= 1")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, ds: dict | None = None,
+                  ds_path: str | None = None) -> "PrecisionConfig":
+        fp16, bf16 = bool(args.fp16), bool(args.bf16)
+        ds_fp16 = _ds_section(ds, "fp16")
+        ds_bf16 = _ds_section(ds, "bf16", "bfloat16")
+        if ds_fp16.get("enabled"):
+            fp16 = True
+        if ds_bf16.get("enabled"):
+            bf16 = True
+        if fp16 and bf16:
+            raise ConfigError(f"--fp16 and --bf16 (flags or {ds_path or 'ds_config'}): choose one")
+        values = dict(loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+                      min_loss_scale=args.min_loss_scale,
+                      loss_scale_window=int(args.loss_scale_window),
+                      hysteresis=args.hysteresis)
+        if ds_fp16.get("enabled"):  # DeepSpeed's fields: loss_scale 0 = dynamic
+            if ds_fp16.get("loss_scale", 0):
+                values["loss_scale"] = float(ds_fp16["loss_scale"])
+            if "initial_scale_power" in ds_fp16:
+                values["initial_loss_scale"] = 2.0 ** int(ds_fp16["initial_scale_power"])
+            for ours, theirs in (("loss_scale_window", "loss_scale_window"),
+                                 ("hysteresis", "hysteresis"), ("min_loss_scale", "min_loss_scale")):
+                if theirs in ds_fp16:
+                    values[ours] = type(values[ours])(ds_fp16[theirs])
+        dtype = "float16" if fp16 else "bfloat16" if bf16 else "float32"
+        return cls(params_dtype=dtype, **values)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything pretrain_bloom.py needs, validated together. Build with from_args."""
     model: ModelConfig
@@ -848,6 +888,7 @@ class PretrainConfig:
     lr_schedule: LRScheduleConfig
     data: DataConfig
     tokenizer: TokenizerConfig
+    precision: PrecisionConfig = PrecisionConfig()
     deepspeed_config_path: str | None = None
     notices: tuple[str, ...] = ()  # accepted flags with no effect, for the log
 
@@ -893,6 +934,7 @@ class PretrainConfig:
         check_data_files(data)
         notices = tuple(f"{flag}: accepted; {note}"
                         for flag, test, note in ACCEPTED_WITHOUT_EFFECT if test(args))
+        precision = PrecisionConfig.from_args(args, ds, args.deepspeed_config)
         return cls(model=model, parallel=parallel, training=training, optimizer=optimizer,
-                   lr_schedule=lr_schedule, data=data, tokenizer=tokenizer,
+                   lr_schedule=lr_schedule, data=data, tokenizer=tokenizer, precision=precision,
                    deepspeed_config_path=args.deepspeed_config, notices=notices)

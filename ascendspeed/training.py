@@ -25,6 +25,8 @@ from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 from ascendspeed.optimizer.lr_scheduler import OptimizerParamScheduler
+from ascendspeed.optimizer.mixed_precision import (ConstantLossScaler, DynamicLossScaler,
+                                                   build_optimizer)
 from ascendspeed.optimizer.param_groups import get_param_groups
 from ascendspeed.training_log import (TensorBoardWriter, format_iteration_line,
                                       measure_throughput, model_flops_per_iteration,
@@ -39,7 +41,8 @@ class TrainResult:
     iteration: int = 0
     consumed_train_samples: int = 0
     losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)
+    skipped_iterations: int = 0
     validation_losses: dict[int, float] = field(default_factory=dict)
 
 
@@ -69,7 +72,8 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
                         ffn_hidden_size=m.ffn_hidden_size, layernorm_epsilon=m.layernorm_epsilon,
                         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                         init_method_std=m.init_method_std, embed_layernorm=m.embed_layernorm,
-                        init_seed=config.training.seed)
+                        init_seed=config.training.seed,
+                        params_dtype=getattr(torch, config.precision.params_dtype))
     return BloomModel(bloom).to(device.current_device())
 
 
@@ -103,11 +107,10 @@ def micro_batch_loss(model, batch) -> torch.Tensor:
     return losses.float().mean()
 
 
-def all_reduce_gradients(model) -> None:
+def all_reduce_gradients(grads: list[torch.Tensor]) -> None:
     """Average gradients over the data-parallel group (one flat all-reduce)."""
-    if ps.get_data_parallel_world_size() == 1:
+    if ps.get_data_parallel_world_size() == 1 or not grads:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=ps.get_data_parallel_group())
     flat /= ps.get_data_parallel_world_size()
@@ -117,13 +120,13 @@ def all_reduce_gradients(model) -> None:
         offset += g.numel()
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Global L2 norm over every parameter of the model, counting a TP-replicated parameter once
-    (only TP rank 0 adds it); scale the gradients down to max_norm when above it."""
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global L2 norm over every parameter, counting a TP-replicated parameter once (only TP
+    rank 0 adds it); scale the gradients down to max_norm when above it."""
     tp_rank = ps.get_tensor_model_parallel_rank()
     squares = torch.zeros((), dtype=torch.float32, device=device.current_device())
     grads = []
-    for param in model.parameters():
+    for param in params:
         if param.grad is None:
             continue
         grads.append(param.grad)
@@ -139,6 +142,23 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return total
 
 
+def build_training_optimizer(model, config: PretrainConfig):
+    """AdamW over Megatron's parameter groups, with fp32 master weights for a bf16/fp16 model;
+    fp16 gets a loss scaler (dynamic unless --loss-scale), bf16 needs none."""
+    opt, precision = config.optimizer, config.precision
+
+    def make(groups):
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.adam_eps)
+
+    scaler = None
+    if precision.params_dtype == "float16":
+        scaler = (ConstantLossScaler(precision.loss_scale) if precision.loss_scale else
+                  DynamicLossScaler(precision.initial_loss_scale, precision.min_loss_scale,
+                                    precision.loss_scale_window, precision.hysteresis))
+    return build_optimizer(get_param_groups(model, opt.weight_decay), make,
+                           getattr(torch, precision.params_dtype), scaler)
+
+
 def _average_over_data_parallel(value: float) -> float:
     if ps.get_data_parallel_world_size() == 1:
         return value
@@ -148,19 +168,21 @@ def _average_over_data_parallel(value: float) -> float:
 
 
 def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig):
-    """One iteration over num_microbatches micro-batches; returns (loss, grad norm)."""
+    """One iteration over num_microbatches micro-batches: (loss, grad norm, updated). An fp16
+    overflow skips the update (and the LR step), as Megatron does."""
     training = config.training
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     total = 0.0
     for _ in range(training.num_microbatches):
         loss = micro_batch_loss(model, next(data_iterator))
-        (loss / training.num_microbatches).backward()
+        optimizer.scale_loss(loss / training.num_microbatches).backward()
+        optimizer.accumulate_grads()
         total += loss.item()
-    all_reduce_gradients(model)
-    grad_norm = clip_grad_norm(model, training.clip_grad)
-    optimizer.step()
-    scheduler.step(training.global_batch_size)
-    return _average_over_data_parallel(total / training.num_microbatches), grad_norm
+    updated, grad_norm = optimizer.step(all_reduce_gradients,
+                                        lambda params: clip_grad_norm(params, training.clip_grad))
+    if updated:
+        scheduler.step(training.global_batch_size)
+    return _average_over_data_parallel(total / training.num_microbatches), grad_norm, updated
 
 
 @torch.no_grad()
@@ -185,9 +207,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                                            config.tokenizer.pad_vocab_size_to)
     model = build_model(config, padded_vocab)
     model.train()
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(get_param_groups(model, opt.weight_decay), lr=opt.lr,
-                                  betas=opt.betas, eps=opt.adam_eps)
+    optimizer = build_training_optimizer(model, config)
     scheduler = OptimizerParamScheduler.from_config(optimizer, config)
     if is_logging_rank():
         params = sum(p.numel() for p in model.parameters())
@@ -205,13 +225,16 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     flops = model_flops_per_iteration(config.model, training.global_batch_size,
                                       config.model.seq_length, padded_vocab)
     result = TrainResult()
-    interval_loss, interval_start = 0.0, time.time()
+    interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
     for iteration in range(1, training.train_iters + 1):
-        loss, grad_norm = train_step(model, optimizer, scheduler, train_iterator, config)
+        loss, grad_norm, updated = train_step(model, optimizer, scheduler, train_iterator, config)
         result.iteration = iteration
         result.consumed_train_samples += training.global_batch_size
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
+        skipped += 0 if updated else 1
+        nans += 0 if math.isfinite(loss) else 1
+        result.skipped_iterations += 0 if updated else 1
         interval_loss += loss
         if iteration % training.log_interval == 0 or iteration == training.train_iters:
             device.synchronize()
@@ -230,15 +253,17 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                     seconds_per_iteration=seconds, learning_rate=learning_rate,
                     global_batch_size=training.global_batch_size,
                     losses={"lm loss": interval_loss / steps}, grad_norm=grad_norm,
-                    throughput=throughput))
+                    loss_scale=optimizer.loss_scale, skipped_iterations=skipped,
+                    nan_iterations=nans, throughput=throughput))
                 writer.log_training(iteration, result.consumed_train_samples,
                                     learning_rate=learning_rate,
                                     global_batch_size=training.global_batch_size,
                                     losses={"lm loss": interval_loss / steps},
+                                    loss_scale=optimizer.loss_scale,
                                     grad_norm=grad_norm, seconds_per_iteration=seconds,
                                     throughput=throughput,
                                     log_batch_size=training.log_batch_size_to_tensorboard)
-            interval_loss, interval_start = 0.0, time.time()
+            interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
         if valid_iterator is not None and iteration % training.eval_interval == 0:
             valid_loss = evaluate(model, valid_iterator, config)
             result.validation_losses[iteration] = valid_loss

@@ -75,11 +75,10 @@ def test_7b1_launch_flags_parse_and_refuse_what_is_not_built(tmp_path, dataset):
     with pytest.raises(ConfigError) as error:
         PretrainConfig.from_args(args, world_size=4)
     lines = str(error.value).splitlines()
-    for flag in ("--rampup-batch-size", "--fp16", "--save", "--save-interval", "--load",
-                 "--deepspeed-activation-checkpointing", "--sequence-parallel",
-                 "--deepspeed_config fp16.enabled"):
+    for flag in ("--rampup-batch-size", "--save", "--save-interval", "--load",
+                 "--deepspeed-activation-checkpointing", "--sequence-parallel"):
         assert f"{flag}: not yet supported in this version" in lines, flag
-    assert len(lines) == 8
+    assert len(lines) == 6  # --fp16 and the ds_config's fp16 section are honoured
 
 
 def test_7b1_launch_flags_without_the_refused_features_build(tmp_path, dataset):
@@ -164,7 +163,6 @@ def test_extra_args_provider():
     (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], "--num-layers-per-virtual-pipeline-stage"),
     (["--pp-partition-method", "type:transformer|embedding"], "--pp-partition-method"),
-    (["--fp16"], "--fp16"), (["--bf16"], "--bf16"),
     (["--sequence-parallel"], "--sequence-parallel"),
     (["--recompute"], "--recompute"),
     (["--checkpoint-activations"], "--checkpoint-activations"),
@@ -175,8 +173,6 @@ def test_extra_args_provider():
     (["--save", "ckpt"], "--save"), (["--load", "ckpt"], "--load"),
     (["--no-load-optim"], "--no-load-optim"), (["--finetune"], "--finetune"),
     (["--use-checkpoint-args"], "--use-checkpoint-args"),
-    (["--loss-scale", "1024"], "--loss-scale"),
-    (["--initial-loss-scale", "65536"], "--initial-loss-scale"),
     (["--exit-signal-handler"], "--exit-signal-handler"),
     (["--optimizer", "sgd"], "--optimizer"),
 ])
@@ -187,13 +183,11 @@ def test_features_not_built_are_refused(dataset, extra, flag):
 
 def test_not_yet_supported_is_one_table():
     flags = [flag for flag, _ in NOT_YET_SUPPORTED]
-    assert len(flags) == len(set(flags)) and "--fp16" in flags and "--save" in flags
+    assert len(flags) == len(set(flags)) and "--save" in flags and "--fp16" not in flags
 
 
 @pytest.mark.parametrize("ds_kwargs,message", [
     (dict(stage=1), "--deepspeed_config zero_optimization.stage: not yet supported"),
-    (dict(fp16=True), "--deepspeed_config fp16.enabled: not yet supported"),
-    (dict(fp16=False, bf16={"enabled": True}), "--deepspeed_config bf16.enabled: not yet"),
     (dict(fp16=False, optimizer={"type": "Adam"}), "optimizer/scheduler sections: not yet"),
 ])
 def test_deepspeed_config_features_not_built_are_refused(tmp_path, dataset, ds_kwargs, message):
@@ -316,3 +310,21 @@ def test_model_config_defaults():
     config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32)
     assert config.ffn_hidden_size == 256 and config.max_position_embeddings == 32
     assert config.position_embedding_type == "alibi"
+
+
+def test_precision_from_flags_and_ds_config(tmp_path, dataset):
+    from ascendspeed.arguments import PrecisionConfig
+
+    assert build(base_argv(dataset)).precision == PrecisionConfig()
+    config = build(base_argv(dataset, "--bf16"))
+    assert config.precision.params_dtype == "bfloat16"
+    config = build(base_argv(dataset, "--fp16", "--loss-scale", "1024", "--hysteresis", "3"))
+    assert config.precision.params_dtype == "float16" and config.precision.loss_scale == 1024
+    # The launch script's ds_config: fp16 on, dynamic (loss_scale 0), 2**12, window 500.
+    ds = write_ds_config(tmp_path / "ds.json")
+    precision = build(base_argv(dataset, "--deepspeed", "--deepspeed_config", ds)).precision
+    assert precision.params_dtype == "float16" and precision.loss_scale is None
+    assert precision.initial_loss_scale == 4096 and precision.loss_scale_window == 500
+    assert precision.hysteresis == 2 and precision.min_loss_scale == 1
+    with pytest.raises(ConfigError, match="--fp16 and --bf16"):
+        build(base_argv(dataset, "--fp16", "--bf16"))
