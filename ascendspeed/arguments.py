@@ -375,10 +375,6 @@ NOT_YET_SUPPORTED = (
     ("--deepspeed_config optimizer/scheduler sections",
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
-    ("--checkpoint-activations", lambda a, ds: a.checkpoint_activations),
-    ("--recompute-activations", lambda a, ds: a.recompute_activations),
-    ("--recompute-granularity", lambda a, ds: a.recompute_granularity is not None),
-    ("--deepspeed-activation-checkpointing", lambda a, ds: a.deepspeed_activation_checkpointing),
     ("--recompute", lambda a, ds: a.recompute),
     ("--rampup-batch-size", lambda a, ds: a.rampup_batch_size is not None),
     ("--save", lambda a, ds: a.save is not None),
@@ -472,6 +468,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     embed_layernorm: bool = False
     position_embedding_type: str = "alibi"
+    recompute_granularity: str | None = None  # None | "full" | "selective"
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -519,7 +516,21 @@ class ModelConfig:
                    layernorm_epsilon=args.layernorm_epsilon, hidden_dropout=args.hidden_dropout,
                    attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
                    embed_layernorm=args.embed_layernorm,
-                   position_embedding_type=args.position_embedding_type)
+                   position_embedding_type=args.position_embedding_type,
+                   recompute_granularity=recompute_granularity(args))
+
+
+def recompute_granularity(args: argparse.Namespace) -> str | None:
+    """Megatron-DeepSpeed's --checkpoint-activations means full recompute; Megatron-LM's
+    --recompute-activations means selective. --deepspeed-activation-checkpointing only picks an
+    implementation in Megatron-DeepSpeed, so on its own it recomputes nothing (as there)."""
+    if args.recompute_granularity is not None:
+        return args.recompute_granularity
+    if args.checkpoint_activations:
+        return "full"
+    if args.recompute_activations:
+        return "selective"
+    return None
 
 
 # ---------------------------------------------------------------------------------- parallelism

@@ -73,7 +73,8 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
                         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                         init_method_std=m.init_method_std, embed_layernorm=m.embed_layernorm,
                         init_seed=config.training.seed,
-                        params_dtype=getattr(torch, config.precision.params_dtype))
+                        params_dtype=getattr(torch, config.precision.params_dtype),
+                        recompute_granularity=m.recompute_granularity)
     return BloomModel(bloom).to(device.current_device())
 
 

@@ -80,7 +80,8 @@ def test_reference_run_logs_megatron_lines_and_tensorboard(corpus, reference):
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
-                                    ["--tensor-model-parallel-size", "1"]])  # DP = 2
+                                    ["--tensor-model-parallel-size", "1"],  # DP = 2
+                                    ["--tensor-model-parallel-size", "2", "--checkpoint-activations"]])
 def test_two_process_layouts_reproduce_tp1(corpus, reference, layout):
     got = losses(launch(2, model_args(corpus, *layout)))
     assert len(got) == len(reference)

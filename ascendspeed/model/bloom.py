@@ -24,6 +24,7 @@ from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelL
                                               VocabParallelEmbedding,
                                               copy_to_tensor_model_parallel_region, divide,
                                               get_rng_tracker, vocab_parallel_cross_entropy)
+from ascendspeed.core.tensor_parallel.random import checkpoint
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class BloomConfig:
     embed_layernorm: bool = True
     init_seed: int = 1234
     params_dtype: torch.dtype = torch.float32
+    # "full": keep only each block's input and recompute the block in backward. "selective"
+    # (recompute the attention core) is what flash SDPA already does: the s x s scores are
+    # never stored, so it changes nothing here.
+    recompute_granularity: str | None = None
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -184,8 +189,9 @@ class BloomModel(nn.Module):
             x = self.embedding_layernorm(x)
         x = F.dropout(x, self.config.hidden_dropout, self.training)
         bias = self.attention_bias(b, s, attention_mask, x.device)
+        recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
-            x = layer(x, bias)
+            x = checkpoint(layer, x, bias) if recompute else layer(x, bias)
         x = self.final_layernorm(x)
         logits = F.linear(copy_to_tensor_model_parallel_region(x), self.word_embeddings.weight)
         if labels is None:

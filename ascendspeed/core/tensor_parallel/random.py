@@ -76,3 +76,32 @@ def model_parallel_seed(seed: int) -> None:
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG,
                  seed + _MODEL_PARALLEL_SEED_OFFSET + ps.get_tensor_model_parallel_rank())
+
+
+class _ReplayTrackerStates:
+    """Wraps a checkpointed function so its recomputation sees the tracker states of the original
+    forward (torch's checkpoint already replays the default CPU/device stream)."""
+
+    def __init__(self, function):
+        self.function = function
+        self.states = None
+
+    def __call__(self, *args):
+        if self.states is None:  # the original forward
+            self.states = _TRACKER.get_states()
+            return self.function(*args)
+        after = _TRACKER.get_states()
+        _TRACKER.set_states(self.states)
+        try:
+            return self.function(*args)
+        finally:
+            _TRACKER.set_states(after)
+
+
+def checkpoint(function, *args):
+    """Activation recompute that reproduces every dropout mask of the original forward, in the
+    default stream and in the tensor-parallel one."""
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(_ReplayTrackerStates(function), *args,
+                                             use_reentrant=False, preserve_rng_state=True)
