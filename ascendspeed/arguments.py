@@ -376,7 +376,6 @@ NOT_YET_SUPPORTED = (
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
     ("--recompute", lambda a, ds: a.recompute),
-    ("--rampup-batch-size", lambda a, ds: a.rampup_batch_size is not None),
     ("--save", lambda a, ds: a.save is not None),
     ("--save-interval", lambda a, ds: a.save_interval is not None),
     ("--load", lambda a, ds: a.load is not None),
@@ -582,6 +581,7 @@ class TrainingConfig:
     num_microbatches: int
     train_iters: int
     train_samples: int | None = None
+    rampup_batch_size: tuple[int, int, int] | None = None  # START INCREMENT SAMPLES
     eval_interval: int = 1000
     eval_iters: int = 100
     exit_interval: int | None = None
@@ -655,15 +655,37 @@ class TrainingConfig:
                               f"{args.train_samples}: give exactly one")
         if args.train_iters is None and args.train_samples is None:
             raise ConfigError("give --train-iters or --train-samples (the length of the run)")
+        rampup = None
+        if args.rampup_batch_size is not None:
+            try:
+                rampup = tuple(int(v) for v in args.rampup_batch_size)
+            except ValueError:
+                rampup = ()
+            if len(rampup) != 3:
+                raise ConfigError(f"--rampup-batch-size {' '.join(args.rampup_batch_size)}: expected "
+                                  f"three integers START INCREMENT SAMPLES, e.g. 192 16 9_765_625")
+            if args.train_samples is None:
+                raise ConfigError("--rampup-batch-size needs --train-samples (not --train-iters), as "
+                                  "in Megatron: iterations follow from the ramp")
         if args.train_samples is not None:
             if args.train_samples < 1:
                 raise ConfigError(f"--train-samples must be >= 1, got {args.train_samples}")
             train_iters = args.train_samples // global_batch
+            if rampup is not None:
+                from ascendspeed.microbatches import (NumMicroBatchesCalculator,
+                                                      train_iters_with_rampup)
+                try:
+                    calculator = NumMicroBatchesCalculator(global_batch, micro, data_parallel_size,
+                                                           rampup)
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
+                train_iters = train_iters_with_rampup(args.train_samples, calculator)
         else:
             train_iters = args.train_iters
         return cls(micro_batch_size=micro, global_batch_size=global_batch,
                    num_microbatches=global_batch // (micro * data_parallel_size),
                    train_iters=train_iters, train_samples=args.train_samples,
+                   rampup_batch_size=rampup,
                    eval_interval=args.eval_interval, eval_iters=args.eval_iters,
                    exit_interval=args.exit_interval,
                    exit_duration_in_mins=args.exit_duration_in_mins, seed=args.seed,

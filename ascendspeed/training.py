@@ -23,6 +23,7 @@ from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.data.gpt_dataset import build_train_valid_test_datasets
 from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
+from ascendspeed.microbatches import NumMicroBatchesCalculator
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 from ascendspeed.optimizer.lr_scheduler import OptimizerParamScheduler
 from ascendspeed.optimizer.mixed_precision import (ConstantLossScaler, DynamicLossScaler,
@@ -43,6 +44,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)
     skipped_iterations: int = 0
+    global_batch_sizes: list[int] = field(default_factory=list)
     validation_losses: dict[int, float] = field(default_factory=dict)
 
 
@@ -168,22 +170,22 @@ def _average_over_data_parallel(value: float) -> float:
     return tensor.item() / ps.get_data_parallel_world_size()
 
 
-def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig):
+def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig,
+               num_microbatches: int, global_batch_size: int):
     """One iteration over num_microbatches micro-batches: (loss, grad norm, updated). An fp16
     overflow skips the update (and the LR step), as Megatron does."""
-    training = config.training
     optimizer.zero_grad()
     total = 0.0
-    for _ in range(training.num_microbatches):
+    for _ in range(num_microbatches):
         loss = micro_batch_loss(model, next(data_iterator))
-        optimizer.scale_loss(loss / training.num_microbatches).backward()
+        optimizer.scale_loss(loss / num_microbatches).backward()
         optimizer.accumulate_grads()
         total += loss.item()
-    updated, grad_norm = optimizer.step(all_reduce_gradients,
-                                        lambda params: clip_grad_norm(params, training.clip_grad))
+    updated, grad_norm = optimizer.step(
+        all_reduce_gradients, lambda params: clip_grad_norm(params, config.training.clip_grad))
     if updated:
-        scheduler.step(training.global_batch_size)
-    return _average_over_data_parallel(total / training.num_microbatches), grad_norm, updated
+        scheduler.step(global_batch_size)
+    return _average_over_data_parallel(total / num_microbatches), grad_norm, updated
 
 
 @torch.no_grad()
@@ -223,14 +225,19 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     training = config.training
     writer = TensorBoardWriter(training.tensorboard_dir if is_logging_rank() else None,
                                training.tensorboard_queue_size)
-    flops = model_flops_per_iteration(config.model, training.global_batch_size,
-                                      config.model.seq_length, padded_vocab)
     result = TrainResult()
     interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
+    microbatches = NumMicroBatchesCalculator(training.global_batch_size, training.micro_batch_size,
+                                             config.parallel.data_parallel_size,
+                                             training.rampup_batch_size)
     for iteration in range(1, training.train_iters + 1):
-        loss, grad_norm, updated = train_step(model, optimizer, scheduler, train_iterator, config)
+        microbatches.update(result.consumed_train_samples)
+        global_batch = microbatches.current_global_batch_size
+        loss, grad_norm, updated = train_step(model, optimizer, scheduler, train_iterator, config,
+                                              microbatches.num_microbatches, global_batch)
         result.iteration = iteration
-        result.consumed_train_samples += training.global_batch_size
+        result.consumed_train_samples += global_batch
+        result.global_batch_sizes.append(global_batch)
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
         skipped += 0 if updated else 1
@@ -242,8 +249,9 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
             steps = iteration - (iteration - 1) // training.log_interval * training.log_interval
             seconds = (time.time() - interval_start) / steps
             throughput = measure_throughput(
-                flops_per_iteration=flops,
-                tokens_per_iteration=training.global_batch_size * config.model.seq_length,
+                flops_per_iteration=model_flops_per_iteration(
+                    config.model, global_batch, config.model.seq_length, padded_vocab),
+                tokens_per_iteration=global_batch * config.model.seq_length,
                 seconds_per_iteration=seconds, world_size=config.parallel.world_size,
                 peak_flops=training.peak_flops)
             learning_rate = optimizer.param_groups[0]["lr"]
@@ -252,13 +260,13 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                     iteration=iteration, train_iters=training.train_iters,
                     consumed_samples=result.consumed_train_samples,
                     seconds_per_iteration=seconds, learning_rate=learning_rate,
-                    global_batch_size=training.global_batch_size,
+                    global_batch_size=global_batch,
                     losses={"lm loss": interval_loss / steps}, grad_norm=grad_norm,
                     loss_scale=optimizer.loss_scale, skipped_iterations=skipped,
                     nan_iterations=nans, throughput=throughput))
                 writer.log_training(iteration, result.consumed_train_samples,
                                     learning_rate=learning_rate,
-                                    global_batch_size=training.global_batch_size,
+                                    global_batch_size=global_batch,
                                     losses={"lm loss": interval_loss / steps},
                                     loss_scale=optimizer.loss_scale,
                                     grad_norm=grad_norm, seconds_per_iteration=seconds,

@@ -129,3 +129,17 @@ def test_fp16_with_dynamic_loss_scaling_runs_and_logs_the_scale(corpus, referenc
     got = losses(result)
     assert all(abs(o - r) <= 0.02 * abs(r) for o, r in zip(got, reference))
     assert "| loss scale: 4096.0 |" in result.stdout
+
+
+def test_rampup_batch_size_grows_the_batch(corpus):
+    args = model_args(corpus, "--train-samples", "64", "--rampup-batch-size", "2", "2", "16",
+                      "--global-batch-size", "8")
+    for flag in ("--train-iters", "--lr-warmup-iters"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    result = launch(1, args, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sizes = [int(x) for x in re.findall(r"global batch size: +(\d+) \|", result.stdout)]
+    consumed = [int(x) for x in re.findall(r"consumed samples: +(\d+) \|", result.stdout)]
+    assert sizes[:3] == [2, 2, 2] and sizes[-1] == 8 and sorted(sizes) == sizes
+    assert consumed == [sum(sizes[:k + 1]) for k in range(len(sizes))]

@@ -75,10 +75,9 @@ def test_7b1_launch_flags_parse_and_refuse_what_is_not_built(tmp_path, dataset):
     with pytest.raises(ConfigError) as error:
         PretrainConfig.from_args(args, world_size=4)
     lines = str(error.value).splitlines()
-    for flag in ("--rampup-batch-size", "--save", "--save-interval", "--load",
-                 "--sequence-parallel"):
+    for flag in ("--save", "--save-interval", "--load", "--sequence-parallel"):
         assert f"{flag}: not yet supported in this version" in lines, flag
-    assert len(lines) == 5  # fp16 (flag and ds_config) and activation checkpointing are honoured
+    assert len(lines) == 4  # fp16 (flag, ds_config), activation checkpointing, ramp-up are honoured
 
 
 def test_7b1_launch_flags_without_the_refused_features_build(tmp_path, dataset):
@@ -166,7 +165,6 @@ def test_extra_args_provider():
     (["--sequence-parallel"], "--sequence-parallel"),
     (["--recompute"], "--recompute"),
     (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
-    (["--rampup-batch-size", "2", "2", "100"], "--rampup-batch-size"),
     (["--zero-stage", "1"], "--zero-stage"),
     (["--save", "ckpt"], "--save"), (["--load", "ckpt"], "--load"),
     (["--no-load-optim"], "--no-load-optim"), (["--finetune"], "--finetune"),
@@ -336,3 +334,18 @@ def test_recompute_flags(dataset):
     assert config.model.recompute_granularity == "full"
     # Megatron-DeepSpeed: this flag only picks the implementation; alone it recomputes nothing.
     assert build(base_argv(dataset, "--deepspeed-activation-checkpointing")).model.recompute_granularity is None
+
+
+def test_rampup_batch_size_flags(dataset):
+    argv = [a for a in base_argv(dataset)]
+    i = argv.index("--train-iters")
+    del argv[i:i + 2]
+    config = build(argv + ["--train-samples", "1000", "--rampup-batch-size", "4", "4", "100"])
+    assert config.training.rampup_batch_size == (4, 4, 100)
+    assert config.training.train_iters > 1000 // config.training.global_batch_size
+    with pytest.raises(ConfigError, match="multiples of micro batch size"):
+        build(argv + ["--train-samples", "1000", "--rampup-batch-size", "2", "2", "100"])
+    with pytest.raises(ConfigError, match="needs --train-samples"):
+        build(base_argv(dataset, "--rampup-batch-size", "2", "2", "100"))
+    with pytest.raises(ConfigError, match="three integers"):
+        build(argv + ["--train-samples", "1000", "--rampup-batch-size", "2", "x"])
