@@ -73,13 +73,10 @@ GradReducer = Callable[[list[torch.Tensor]], None]
 GradClipper = Callable[[list[torch.nn.Parameter]], float]
 
 
-class FP32Optimizer:
-    """The model's parameters are the master weights."""
-
-    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
-        self.optimizer = make_optimizer(param_groups)
-        self.scaler = ConstantLossScaler(1.0)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+class _WrappedOptimizer:
+    """What the loop and the LR scheduler read: the inner optimizer's groups and the loss scale."""
+    optimizer: torch.optim.Optimizer
+    scaler: ConstantLossScaler | DynamicLossScaler
 
     @property
     def param_groups(self):
@@ -88,6 +85,15 @@ class FP32Optimizer:
     @property
     def loss_scale(self) -> float:
         return self.scaler.scale
+
+
+class FP32Optimizer(_WrappedOptimizer):
+    """The model's parameters are the master weights."""
+
+    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
+        self.optimizer = make_optimizer(param_groups)
+        self.scaler = ConstantLossScaler(1.0)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -105,7 +111,7 @@ class FP32Optimizer:
         return True, grad_norm
 
 
-class Float16Optimizer:
+class Float16Optimizer(_WrappedOptimizer):
     """fp32 master weights and gradients for a bf16/fp16 model, with loss scaling."""
 
     def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
@@ -126,14 +132,6 @@ class Float16Optimizer:
                 masters.append(master)
             master_groups.append({**group, "params": masters})
         self.optimizer = make_optimizer(master_groups)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scaler.scale
