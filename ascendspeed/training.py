@@ -45,6 +45,7 @@ class TrainResult:
     grad_norms: list[float | None] = field(default_factory=list)
     skipped_iterations: int = 0
     global_batch_sizes: list[int] = field(default_factory=list)
+    model: torch.nn.Module | None = None
     validation_losses: dict[int, float] = field(default_factory=dict)
 
 
@@ -97,10 +98,15 @@ def build_data_loaders(config: PretrainConfig):
     return train, valid
 
 
-def _cycle(loader):
-    """Megatron's cyclic_iter: a sampler that runs out (cyclic, one epoch) starts over."""
-    while True:
-        yield from loader
+def _iterate(loader, dataloader_type: str, name: str):
+    """Megatron's iterators: 'cyclic' starts its sampler over at each epoch's end (cyclic_iter);
+    'single' walks the dataset once, which was built to hold every sample the run asks for."""
+    if dataloader_type == "cyclic":
+        while True:
+            yield from loader
+    yield from loader
+    raise RuntimeError(f"the {name} data ran out ({len(loader.batch_sampler)} samples); build the "
+                       f"dataset for more samples (--train-samples/--train-iters, --eval-iters)")
 
 
 def micro_batch_loss(model, batch) -> torch.Tensor:
@@ -219,8 +225,9 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
             f"{config.parallel.tensor_model_parallel_size} x PP "
             f"{config.parallel.pipeline_model_parallel_size} x DP {config.parallel.data_parallel_size}")
     train_loader, valid_loader = build_data_loaders(config)
-    train_iterator = _cycle(train_loader)
-    valid_iterator = _cycle(valid_loader) if valid_loader is not None else None
+    kind = config.data.dataloader_type
+    train_iterator = _iterate(train_loader, kind, "training")
+    valid_iterator = _iterate(valid_loader, kind, "validation") if valid_loader is not None else None
 
     training = config.training
     writer = TensorBoardWriter(training.tensorboard_dir if is_logging_rank() else None,
