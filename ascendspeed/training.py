@@ -205,6 +205,14 @@ def evaluate(model, data_iterator, config: PretrainConfig) -> float:
     return _average_over_data_parallel(total / steps)
 
 
+def _time_is_up(start: float, minutes: float) -> bool:
+    """Whether any rank has run out of time (all ranks must stop at the same iteration)."""
+    done = torch.tensor([float(time.time() - start > 60.0 * minutes)])
+    if dist.is_initialized():
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+    return bool(done.item())
+
+
 def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     initialize_distributed(config)
     for notice in config.notices:
@@ -233,6 +241,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     writer = TensorBoardWriter(training.tensorboard_dir if is_logging_rank() else None,
                                training.tensorboard_queue_size)
     result = TrainResult()
+    run_start = time.time()
     interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
     microbatches = NumMicroBatchesCalculator(training.global_batch_size, training.micro_batch_size,
                                              config.parallel.data_parallel_size,
@@ -293,6 +302,11 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
         if training.exit_interval and iteration % training.exit_interval == 0:
             if is_logging_rank():
                 log(f" exiting at iteration {iteration} (--exit-interval {training.exit_interval})")
+            break
+        if training.exit_duration_in_mins and _time_is_up(run_start, training.exit_duration_in_mins):
+            if is_logging_rank():
+                log(f" exiting at iteration {iteration} (--exit-duration-in-mins "
+                    f"{training.exit_duration_in_mins})")
             break
     writer.close()
     result.model = model

@@ -143,3 +143,18 @@ def test_rampup_batch_size_grows_the_batch(corpus):
     consumed = [int(x) for x in re.findall(r"consumed samples: +(\d+) \|", result.stdout)]
     assert sizes[:3] == [2, 2, 2] and sizes[-1] == 8 and sorted(sizes) == sizes
     assert consumed == [sum(sizes[:k + 1]) for k in range(len(sizes))]
+
+
+def test_exit_duration_in_mins_stops_every_rank_together(corpus, monkeypatch):
+    from ascendspeed import training
+
+    calls = []
+    monkeypatch.setattr(training, "_time_is_up", lambda start, minutes: calls.append(minutes) or len(calls) >= 2)
+    from ascendspeed.arguments import PretrainConfig, parse_args
+
+    config = PretrainConfig.from_args(parse_args(model_args(corpus, "--exit-duration-in-mins", "1")),
+                                      world_size=1)
+    lines = []
+    result = training.pretrain(config, log=lines.append)
+    assert result.iteration == 2 and calls == [1, 1]
+    assert any("exiting at iteration 2 (--exit-duration-in-mins 1)" in line for line in lines)
