@@ -55,3 +55,18 @@ def test_dropout_keeps_replicated_parameters_identical(tmp_path):
     report = json.loads(out.read_text())
     assert report["replicated_differs"] is None
     assert report["tp_streams_differ"] and report["default_streams_equal"]
+
+
+def test_bf16_training_keeps_replicated_parameters_identical(tmp_path):
+    """50 bf16 AdamW steps at TP=2: LayerNorms and row-parallel biases stay bitwise equal on both
+    ranks (BLOOM-176B's layer-norm drift bug)."""
+    out = tmp_path / "bf16.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "tests", "dist", "bloom_tp_worker.py"), "--bf16-steps", "50",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["replicated_differs"] is None
+    assert len(report["losses"]) == 50

@@ -40,11 +40,37 @@ def replicated_identical(model):
     return None
 
 
+def run_bf16(model, config, args, generator, tp):
+    """BLOOM-176B's drift bug: bf16 training must keep replicated parameters bitwise equal."""
+    from ascendspeed.optimizer.mixed_precision import build_optimizer
+
+    model = model.to(torch.bfloat16).train()
+    optimizer = build_optimizer([{"params": list(model.parameters())}],
+                                lambda groups: torch.optim.AdamW(groups, lr=1e-3), torch.bfloat16)
+    losses = []
+    for _ in range(args.bf16_steps):
+        batch = torch.randint(0, 240, (4, 17), generator=generator)
+        optimizer.zero_grad()
+        loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
+        optimizer.scale_loss(loss).backward()
+        optimizer.accumulate_grads()
+        optimizer.step(lambda grads: None, lambda params: 0.0)
+        losses.append(loss.item())
+    result = {"losses": losses, "replicated_differs": replicated_identical(model)}
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--bf16-steps", type=int, default=0,
+                        help="instead: train a bf16 model this many AdamW steps (fp32 masters)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,6 +108,10 @@ def main():
         full = gather_from_tensor_model_parallel_region(logits)
         reference = F.cross_entropy(full.reshape(-1, 240).float(), targets.reshape(-1), reduction="none")
         result["ce_diff"] = (ce.reshape(-1) - reference).abs().max().item()
+
+    if args.bf16_steps:
+        run_bf16(model, config, args, generator, tp)
+        return
 
     # Training: same data, fp32, no dropout. SGD with momentum, because Adam divides by the root
     # of tiny second moments and so turns rounding noise into full-size steps (AdamW end to end
