@@ -13,15 +13,21 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.multiprocess
 
 
-def run_worker(tmp_path, nproc, heads):
-    out = tmp_path / f"tp{nproc}_h{heads}.json"
+def launch_worker(out, nproc, *args):
+    """Run tests/dist/bloom_tp_worker.py under torchrun; its JSON report."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", os.path.join(REPO_ROOT, "tests", "dist", "bloom_tp_worker.py"),
-               "--heads", str(heads), "--out", str(out)]
+               *args, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(out.read_text()), torch.load(str(out) + ".pt", weights_only=True)
+    return json.loads(out.read_text())
+
+
+def run_worker(tmp_path, nproc, heads):
+    out = tmp_path / f"tp{nproc}_h{heads}.json"
+    report = launch_worker(out, nproc, "--heads", str(heads))
+    return report, torch.load(str(out) + ".pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +51,7 @@ def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads):
 def test_dropout_keeps_replicated_parameters_identical(tmp_path):
     """Hidden dropout draws the same mask on every TP rank (default stream), attention dropout a
     different one per rank (the tracker's stream): replicated parameters stay bitwise equal."""
-    out = tmp_path / "dropout.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO_ROOT, "tests", "dist", "bloom_tp_worker.py"), "--dropout", "0.2",
-               "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
+    report = launch_worker(tmp_path / "dropout.json", 2, "--dropout", "0.2")
     assert report["replicated_differs"] is None
     assert report["tp_streams_differ"] and report["default_streams_equal"]
 
@@ -60,13 +59,6 @@ def test_dropout_keeps_replicated_parameters_identical(tmp_path):
 def test_bf16_training_keeps_replicated_parameters_identical(tmp_path):
     """50 bf16 AdamW steps at TP=2: LayerNorms and row-parallel biases stay bitwise equal on both
     ranks (BLOOM-176B's layer-norm drift bug)."""
-    out = tmp_path / "bf16.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO_ROOT, "tests", "dist", "bloom_tp_worker.py"), "--bf16-steps", "50",
-               "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
+    report = launch_worker(tmp_path / "bf16.json", 2, "--bf16-steps", "50")
     assert report["replicated_differs"] is None
     assert len(report["losses"]) == 50
