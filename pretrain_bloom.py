@@ -32,6 +32,10 @@ def main(argv=None) -> int:
 
     try:
         pretrain(config, log=lambda line: print(line, flush=True))
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears gloo down while a peer is still in a collective
     except (ConfigError, DatasetConfigError, IndexedDatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

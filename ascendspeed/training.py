@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from ascendspeed import device
-from ascendspeed.arguments import PretrainConfig
+from ascendspeed.arguments import ConfigError, PretrainConfig
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import model_parallel_seed
-from ascendspeed.data.gpt_dataset import build_train_valid_test_datasets
+from ascendspeed.data.gpt_dataset import build_datasets
 from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
 from ascendspeed.microbatches import NumMicroBatchesCalculator
@@ -83,10 +83,10 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
 
 def build_data_loaders(config: PretrainConfig):
     data, training = config.data, config.training
-    train_ds, valid_ds, _ = build_train_valid_test_datasets(
-        list(data.data_path), data.split, training.train_valid_test_num_samples(), data.seq_length,
-        training.seed, data_impl=data.data_impl, skip_warmup=not data.mmap_warmup,
-        cutoff_last_epoch=data.cutoff_last_epoch, data_cache_path=data.data_cache_path)
+    train_ds, valid_ds, _ = build_datasets(data, training.train_valid_test_num_samples())
+    if isinstance(train_ds, list) or isinstance(valid_ds, list):
+        raise ConfigError("several --valid-weighted-split-paths groups: not yet supported in this "
+                          "version (give one validation group)")
     options = dict(dataloader_type=data.dataloader_type, num_workers=data.num_workers)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     train = build_pretraining_data_loader(train_ds, 0, training.micro_batch_size, dp_rank, dp_size,

@@ -158,3 +158,16 @@ def test_exit_duration_in_mins_stops_every_rank_together(corpus, monkeypatch):
     result = training.pretrain(config, log=lines.append)
     assert result.iteration == 2 and calls == [1, 1]
     assert any("exiting at iteration 2 (--exit-duration-in-mins 1)" in line for line in lines)
+
+
+def test_weighted_split_paths_train_the_model(corpus):
+    """BigScience's option-2 data flags reach the trainer (not only the index tool)."""
+    root, prefix = corpus
+    args = model_args(corpus, "--train-iters", "3")
+    i = args.index("--data-path")
+    del args[i:i + 2]
+    i = args.index("--split")
+    del args[i:i + 2]
+    args += ["--train-weighted-split-paths", f"TRAIN: 1 0:0.9 {prefix}, 1 0:0.9 {prefix}",
+             "--valid-weighted-split-paths", f"VALID: 1 0.9:1 {prefix}"]
+    assert len(losses(launch(1, args, timeout=120))) == 3

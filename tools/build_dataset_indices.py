@@ -18,9 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ascendspeed.arguments import (ConfigError, DataConfig, TokenizerConfig,  # noqa: E402
                                    add_data_args, add_tokenizer_args, resolve_weighted_split_paths)
-from ascendspeed.data.gpt_dataset import (SPLIT_NAMES, DatasetConfigError,  # noqa: E402
-                                          build_dataset_group, build_train_valid_test_datasets,
-                                          parse_weighted_split_paths)
+from ascendspeed.data.gpt_dataset import SPLIT_NAMES, DatasetConfigError, build_datasets  # noqa: E402
 from megatron_ext.indexed_dataset import IndexedDatasetError  # noqa: E402
 
 
@@ -44,24 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    config = DataConfig.from_args(args)
-    num_samples = [args.train_samples, args.valid_samples, args.test_samples]
-    options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
-                   cutoff_last_epoch=config.cutoff_last_epoch,
-                   data_cache_path=config.data_cache_path)
-    if config.data_path:
-        return build_train_valid_test_datasets(list(config.data_path), config.split, num_samples,
-                                               config.seq_length, config.seed, **options)
-    datasets = []
-    for split in SPLIT_NAMES:
-        flag = f"--{split}-weighted-split-paths"
-        values = getattr(config, f"{split}_weighted_split_paths")
-        groups = parse_weighted_split_paths(values, flag) if values else []
-        built = [build_dataset_group(name, paths, weights, splits, num_samples, config.seq_length,
-                                     config.seed, split, **options)
-                 for name, weights, splits, paths in groups]
-        datasets.append(built[0] if len(built) == 1 else (built or None))
-    return tuple(datasets)
+    return build_datasets(DataConfig.from_args(args),
+                          [args.train_samples, args.valid_samples, args.test_samples])
 
 
 def describe(name: str, dataset) -> str:

@@ -335,3 +335,25 @@ def parse_weighted_split_paths(values, flag: str):
     if flag.startswith("--train") and len(groups) > 1:
         raise DatasetConfigError(f"{flag}: only one dataset group is allowed for training")
     return groups
+
+
+def build_datasets(config, train_valid_test_num_samples, build_group=None):
+    """(train, valid, test) for a DataConfig: `--data-path` (one prefix or a blend) or BigScience's
+    `--{train,valid,test}-weighted-split-paths` groups. With several groups for a split, that
+    split is a list of datasets."""
+    options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
+                   cutoff_last_epoch=config.cutoff_last_epoch,
+                   data_cache_path=config.data_cache_path, build_group=build_group)
+    if config.data_path:
+        return build_train_valid_test_datasets(list(config.data_path), config.split,
+                                               train_valid_test_num_samples, config.seq_length,
+                                               config.seed, **options)
+    datasets = []
+    for split in SPLIT_NAMES:
+        values = getattr(config, f"{split}_weighted_split_paths")
+        groups = parse_weighted_split_paths(values, f"--{split}-weighted-split-paths") if values else []
+        built = [build_dataset_group(name, paths, weights, splits, train_valid_test_num_samples,
+                                     config.seq_length, config.seed, split, **options)
+                 for name, weights, splits, paths in groups]
+        datasets.append(built[0] if len(built) == 1 else (built or None))
+    return tuple(datasets)
