@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,17 +148,34 @@ def _layer_seed(seed: int, layer_number: int) -> int:
 
 
 class BloomModel(nn.Module):
-    def __init__(self, config: BloomConfig):
+    """One pipeline stage (or chunk) of BLOOM: the embedding when `pre_process`, the blocks
+    `layer_numbers` (1-based, global), and the final LayerNorm + tied head when `post_process`.
+    The default is the whole model.
+
+    With pipeline parallelism the last stage holds its own copy of the word embeddings for the
+    head. Both copies start from the same seed, and their gradients are summed over the embedding
+    group, so they stay identical (the parameter carries `shared_embedding = True`).
+    """
+
+    def __init__(self, config: BloomConfig, pre_process: bool = True, post_process: bool = True,
+                 layer_numbers: Sequence[int] | None = None):
         super().__init__()
         self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_numbers = list(range(1, config.num_layers + 1) if layer_numbers is None
+                                  else layer_numbers)
         h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
-        generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, 0))
-        self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype)
+        self.word_embeddings = None
+        if pre_process or post_process:
+            generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, 0))
+            self.word_embeddings = VocabParallelEmbedding(
+                config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype)
+            self.word_embeddings.weight.shared_embedding = not (pre_process and post_process)
         # The embedding LayerNorm's eps is fixed at 1e-5 in Megatron-DeepSpeed and HF alike.
-        self.embedding_layernorm = nn.LayerNorm(h, eps=1e-5, dtype=dtype) if config.embed_layernorm else None
-        self.layers = nn.ModuleList(BloomBlock(config, i + 1) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        self.embedding_layernorm = (nn.LayerNorm(h, eps=1e-5, dtype=dtype)
+                                    if pre_process and config.embed_layernorm else None)
+        self.layers = nn.ModuleList(BloomBlock(config, n) for n in self.layer_numbers)
+        self.final_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype) if post_process else None
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
         # Slopes of all heads, then this rank's contiguous block (matching the QKV column split).
@@ -181,17 +199,28 @@ class BloomModel(nn.Module):
         return alibi.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token loss [b, s] (fp32)."""
+                labels: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole model: vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token
+        loss [b, s] (fp32). A stage without the embedding takes the previous stage's output as
+        `hidden_states` (input_ids still give the shape); one without the head returns its
+        hidden states."""
         b, s = input_ids.shape
-        x = self.word_embeddings(input_ids)
-        if self.embedding_layernorm is not None:
-            x = self.embedding_layernorm(x)
-        x = F.dropout(x, self.config.hidden_dropout, self.training)
+        if self.pre_process:
+            x = self.word_embeddings(input_ids)
+            if self.embedding_layernorm is not None:
+                x = self.embedding_layernorm(x)
+            x = F.dropout(x, self.config.hidden_dropout, self.training)
+        else:
+            if hidden_states is None:
+                raise ValueError("a pipeline stage without the embedding needs hidden_states")
+            x = hidden_states
         bias = self.attention_bias(b, s, attention_mask, x.device)
         recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
             x = checkpoint(layer, x, bias) if recompute else layer(x, bias)
+        if not self.post_process:
+            return x
         x = self.final_layernorm(x)
         logits = F.linear(copy_to_tensor_model_parallel_region(x), self.word_embeddings.weight)
         if labels is None:
