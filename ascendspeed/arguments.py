@@ -205,7 +205,18 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--distributed-backend", type=str, default=None,
                        choices=DISTRIBUTED_BACKENDS, help="default: the device's (gloo/nccl/hccl)")
-    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="ZeRO-1: optimizer state and fp32 master weights sharded over DP")
+    group.add_argument("--DDP-impl", dest="ddp_impl", type=str, default="local",
+                       choices=("local", "torch"),
+                       help="both run the bucketed gradient all-reduce of ascendspeed.optimizer")
+    group.add_argument("--no-contiguous-buffers-in-local-ddp", action="store_true",
+                       help="accepted; gradients always live in one contiguous fp32 buffer")
+    group.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true",
+                       default=True, help="start each bucket's reduction during backward (default)")
+    group.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="elements per gradient bucket; default max(40M, 1M x DP)")
     group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
     return parser
@@ -539,6 +550,12 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     distributed_backend: str | None = None  # None: the device's (ascendspeed.device)
+    num_layers_per_virtual_pipeline_stage: int | None = None  # the interleaved schedule
+    pp_partition_method: str | None = None  # None: even; 'type:transformer|embedding'
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False  # ZeRO-1 (also --zero-stage 1)
+    overlap_grad_reduce: bool = True
+    ddp_bucket_size: int | None = None  # elements; None: max(40M, 1M x DP)
 
     def __post_init__(self):
         for flag, value in (("world size", self.world_size),
@@ -555,18 +572,34 @@ class ParallelConfig:
         if self.distributed_backend not in (None,) + DISTRIBUTED_BACKENDS:
             raise ConfigError(f"--distributed-backend {self.distributed_backend!r}: expected one "
                               f"of {', '.join(DISTRIBUTED_BACKENDS)}")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size must be >= 1, got {self.ddp_bucket_size}")
 
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size
                                    * self.pipeline_model_parallel_size)
 
+    @property
+    def bucket_size(self) -> int:
+        """Elements per gradient bucket (Megatron-core's default)."""
+        return self.ddp_bucket_size or max(40_000_000, 1_000_000 * self.data_parallel_size)
+
     @classmethod
-    def from_args(cls, args: argparse.Namespace, world_size: int) -> "ParallelConfig":
+    def from_args(cls, args: argparse.Namespace, world_size: int,
+                  ds: dict | None = None) -> "ParallelConfig":
+        zero_stage = args.zero_stage if args.zero_stage is not None else _ds_zero_stage(ds)
+        sequence_parallel = bool(args.sequence_parallel) and args.tensor_model_parallel_size > 1
         return cls(world_size=world_size,
                    tensor_model_parallel_size=args.tensor_model_parallel_size,
                    pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                   distributed_backend=args.distributed_backend)
+                   distributed_backend=args.distributed_backend,
+                   num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+                   pp_partition_method=args.pp_partition_method,
+                   sequence_parallel=sequence_parallel,
+                   use_distributed_optimizer=bool(args.use_distributed_optimizer) or zero_stage == 1,
+                   overlap_grad_reduce=args.overlap_grad_reduce,
+                   ddp_bucket_size=args.ddp_bucket_size)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -950,7 +983,7 @@ class PretrainConfig:
         ds = read_deepspeed_config(args.deepspeed_config) if args.deepspeed_config else None
         refuse_unsupported(args, ds)
         model = ModelConfig.from_args(args)
-        parallel = ParallelConfig.from_args(args, world_size)
+        parallel = ParallelConfig.from_args(args, world_size, ds)
         training = TrainingConfig.from_args(args, parallel.data_parallel_size)
         if ds is not None:
             _check_deepspeed_config(args.deepspeed_config, ds,
