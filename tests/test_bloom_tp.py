@@ -24,9 +24,9 @@ def launch_worker(out, nproc, *args):
     return json.loads(out.read_text())
 
 
-def run_worker(tmp_path, nproc, heads):
+def run_worker(tmp_path, nproc, heads, *extra):
     out = tmp_path / f"tp{nproc}_h{heads}.json"
-    report = launch_worker(out, nproc, "--heads", str(heads))
+    report = launch_worker(out, nproc, "--heads", str(heads), *extra)
     return report, torch.load(str(out) + ".pt", weights_only=True)
 
 
@@ -35,9 +35,13 @@ def tp1_4(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("tp1"), 1, 4)
 
 
-@pytest.mark.parametrize("nproc,heads", [(2, 4), (3, 6)])
-def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads):
-    result, weights = run_worker(tmp_path, nproc, heads)
+@pytest.mark.parametrize("nproc,heads,extra", [(2, 4, ()), (3, 6, ()),
+                                               (2, 4, ("--sequence-parallel",))],
+                         ids=["tp2", "tp3", "tp2-sequence-parallel"])
+def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads, extra):
+    """Sequence parallelism splits LayerNorm/dropout regions along the sequence: the same logits,
+    and (with the LayerNorm / row-bias gradients summed over TP) the same training."""
+    result, weights = run_worker(tmp_path, nproc, heads, *extra)
     assert result["parity"]["no_mask"] <= 1e-5 and result["parity"]["left_padding"] <= 1e-5
     assert result["ce_diff"] <= 1e-5
     assert result["replicated_differs"] is None  # replicated params bitwise equal across TP ranks
@@ -48,10 +52,13 @@ def test_tp_parity_and_training_equivalence(tmp_path, tp1_4, nproc, heads):
         assert torch.allclose(weights[name], tensor, rtol=1e-4, atol=1e-6), name
 
 
-def test_dropout_keeps_replicated_parameters_identical(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--sequence-parallel",)], ids=["tp", "sequence-parallel"])
+def test_dropout_keeps_replicated_parameters_identical(tmp_path, extra):
     """Hidden dropout draws the same mask on every TP rank (default stream), attention dropout a
-    different one per rank (the tracker's stream): replicated parameters stay bitwise equal."""
-    report = launch_worker(tmp_path / "dropout.json", 2, "--dropout", "0.2")
+    different one per rank (the tracker's stream): replicated parameters stay bitwise equal. Under
+    sequence parallelism each rank drops out its own tokens, and the summed LayerNorm gradients
+    keep the replicated parameters equal."""
+    report = launch_worker(tmp_path / "dropout.json", 2, "--dropout", "0.2", *extra)
     assert report["replicated_differs"] is None
     assert report["tp_streams_differ"] and report["default_streams_equal"]
 

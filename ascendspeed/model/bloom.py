@@ -24,6 +24,7 @@ from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                               VocabParallelEmbedding,
                                               copy_to_tensor_model_parallel_region, divide,
+                                              gather_from_sequence_parallel_region,
                                               get_rng_tracker, vocab_parallel_cross_entropy)
 from ascendspeed.core.tensor_parallel.random import checkpoint
 
@@ -46,6 +47,9 @@ class BloomConfig:
     # (recompute the attention core) is what flash SDPA already does: the s x s scores are
     # never stored, so it changes nothing here.
     recompute_granularity: str | None = None
+    # Sequence parallelism: outside the TP regions (LayerNorms, dropouts, residuals) each TP rank
+    # holds s/tp tokens of the activations [b, s/tp, h]. Ignored at TP=1.
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -91,14 +95,16 @@ class BloomAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         h, dtype = config.hidden_size, config.params_dtype
+        sp = _sequence_parallel(config)
         self.query_key_value = ColumnParallelLinear(h, 3 * h, _normal(config.init_method_std, generator),
-                                                    params_dtype=dtype)
+                                                    params_dtype=dtype, sequence_parallel=sp)
         self.dense = RowParallelLinear(h, h, _normal(output_std, generator), skip_bias_add=True,
-                                       params_dtype=dtype)
+                                       params_dtype=dtype, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor):
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.heads, 3, self.head_dim)
+        qkv = self.query_key_value(x)  # under sequence parallelism: the full sequence, gathered
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, hd]
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
@@ -113,10 +119,12 @@ class BloomMLP(nn.Module):
     def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
         super().__init__()
         h, ffn, dtype = config.hidden_size, config.ffn_size, config.params_dtype
+        sp = _sequence_parallel(config)
         self.dense_h_to_4h = ColumnParallelLinear(h, ffn, _normal(config.init_method_std, generator),
-                                                  params_dtype=dtype)
+                                                  params_dtype=dtype, sequence_parallel=sp)
         self.dense_4h_to_h = RowParallelLinear(ffn, h, _normal(output_std, generator),
-                                               skip_bias_add=True, params_dtype=dtype)
+                                               skip_bias_add=True, params_dtype=dtype,
+                                               sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor):
         return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
@@ -128,17 +136,45 @@ class BloomBlock(nn.Module):
         generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, layer_number))
         output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)  # scaled init
         h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
-        self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        sp = _sequence_parallel(config)
+        self.input_layernorm = _layernorm(h, eps, dtype, sp)
         self.self_attention = BloomAttention(config, generator, output_std)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+        self.post_attention_layernorm = _layernorm(h, eps, dtype, sp)
         self.mlp = BloomMLP(config, generator, output_std)
         self.hidden_dropout = config.hidden_dropout
+        self.sequence_parallel = sp
 
     def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
         out, bias = self.self_attention(self.input_layernorm(x), attention_bias)
-        x = x + F.dropout(out + bias, self.hidden_dropout, self.training)
+        x = x + _hidden_dropout(out + bias, self.hidden_dropout, self.training, self.sequence_parallel)
         out, bias = self.mlp(self.post_attention_layernorm(x))
-        return x + F.dropout(out + bias, self.hidden_dropout, self.training)
+        return x + _hidden_dropout(out + bias, self.hidden_dropout, self.training,
+                                   self.sequence_parallel)
+
+
+def _sequence_parallel(config: BloomConfig) -> bool:
+    return config.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+
+
+def _layernorm(h: int, eps: float, dtype, sequence_parallel: bool) -> nn.LayerNorm:
+    """A LayerNorm; under sequence parallelism each TP rank normalises different tokens, so its
+    gradients are partial sums that the optimizer adds up over TP (`sequence_parallel`)."""
+    norm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+    for param in norm.parameters():
+        param.sequence_parallel = sequence_parallel
+    return norm
+
+
+def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel: bool):
+    """Hidden dropout draws one mask for the replicated activations from the default stream
+    (identical on every TP rank); under sequence parallelism each rank holds different tokens, so
+    it draws from its own TP-rank stream."""
+    if not training or p == 0.0:
+        return x
+    if sequence_parallel:
+        with get_rng_tracker().fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
 
 
 def _layer_seed(seed: int, layer_number: int) -> int:
@@ -169,13 +205,15 @@ class BloomModel(nn.Module):
         if pre_process or post_process:
             generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, 0))
             self.word_embeddings = VocabParallelEmbedding(
-                config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype)
+                config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype,
+                sequence_parallel=pre_process and _sequence_parallel(config))
             self.word_embeddings.weight.shared_embedding = not (pre_process and post_process)
+        sp = self.sequence_parallel = _sequence_parallel(config)
         # The embedding LayerNorm's eps is fixed at 1e-5 in Megatron-DeepSpeed and HF alike.
-        self.embedding_layernorm = (nn.LayerNorm(h, eps=1e-5, dtype=dtype)
+        self.embedding_layernorm = (_layernorm(h, 1e-5, dtype, sp)
                                     if pre_process and config.embed_layernorm else None)
         self.layers = nn.ModuleList(BloomBlock(config, n) for n in self.layer_numbers)
-        self.final_layernorm = nn.LayerNorm(h, eps=eps, dtype=dtype) if post_process else None
+        self.final_layernorm = _layernorm(h, eps, dtype, sp) if post_process else None
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
         # Slopes of all heads, then this rank's contiguous block (matching the QKV column split).
@@ -204,13 +242,17 @@ class BloomModel(nn.Module):
         """The whole model: vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token
         loss [b, s] (fp32). A stage without the embedding takes the previous stage's output as
         `hidden_states` (input_ids still give the shape); one without the head returns its
-        hidden states."""
+        hidden states ([b, s/tp, h] under sequence parallelism)."""
         b, s = input_ids.shape
+        tp = ps.get_tensor_model_parallel_world_size()
+        if self.sequence_parallel and s % tp:
+            raise ValueError(f"sequence parallelism: sequence length {s} is not divisible by the "
+                             f"tensor-parallel size {tp}")
         if self.pre_process:
             x = self.word_embeddings(input_ids)
             if self.embedding_layernorm is not None:
                 x = self.embedding_layernorm(x)
-            x = F.dropout(x, self.config.hidden_dropout, self.training)
+            x = _hidden_dropout(x, self.config.hidden_dropout, self.training, self.sequence_parallel)
         else:
             if hidden_states is None:
                 raise ValueError("a pipeline stage without the embedding needs hidden_states")
@@ -222,7 +264,9 @@ class BloomModel(nn.Module):
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
-        logits = F.linear(copy_to_tensor_model_parallel_region(x), self.word_embeddings.weight)
+        x = (gather_from_sequence_parallel_region(x) if self.sequence_parallel
+             else copy_to_tensor_model_parallel_region(x))
+        logits = F.linear(x, self.word_embeddings.weight)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits.float(), labels)

@@ -40,6 +40,14 @@ def replicated_identical(model):
     return None
 
 
+def sum_sequence_parallel_grads(model):
+    """What the optimizer does under sequence parallelism: each TP rank's LayerNorm / row-bias
+    gradient covers only its tokens, so the gradients are summed over the TP group."""
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+            dist.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
+
+
 def run_bf16(model, config, args, generator, tp):
     """BLOOM-176B's drift bug: bf16 training must keep replicated parameters bitwise equal."""
     from ascendspeed.optimizer.mixed_precision import build_optimizer
@@ -69,6 +77,7 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--bf16-steps", type=int, default=0,
                         help="instead: train a bf16 model this many AdamW steps (fp32 masters)")
     parser.add_argument("--out", required=True)
@@ -84,7 +93,8 @@ def main():
                                          hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     hf = transformers.BloomForCausalLM(hf_config).eval()
-    config = BloomConfig(vocab_size=240, hidden_size=hidden, num_layers=2, num_attention_heads=args.heads)
+    config = BloomConfig(vocab_size=240, hidden_size=hidden, num_layers=2, num_attention_heads=args.heads,
+                         sequence_parallel=args.sequence_parallel)
     if args.dropout:
         config = BloomConfig(**{**config.__dict__, "hidden_dropout": args.dropout,
                                 "attention_dropout": args.dropout})
@@ -93,14 +103,17 @@ def main():
     model.eval()
 
     generator = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 240, (4, 17), generator=generator)
-    mask = torch.ones(4, 17, dtype=torch.long)
+    ids = torch.randint(0, 240, (4, 19), generator=generator)  # 18 tokens + 1 label: SP splits 18
+    mask = torch.ones(4, 19, dtype=torch.long)
     mask[1, :6] = 0
     result = {"parity": {}}
     with torch.no_grad():
         for label, attention_mask in (("no_mask", None), ("left_padding", mask)):
-            ours = gather_from_tensor_model_parallel_region(model(ids, attention_mask=attention_mask))
-            ref = hf(ids, attention_mask=attention_mask).logits
+            inputs = ids[:, :-1]  # 18 tokens (sequence parallelism splits them over TP)
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :-1]
+            ours = gather_from_tensor_model_parallel_region(model(inputs, attention_mask=attention_mask))
+            ref = hf(inputs, attention_mask=attention_mask).logits
             result["parity"][label] = (ours - ref).abs().max().item()
         logits = model(ids[:, :-1])
         targets = ids[:, 1:]
@@ -120,10 +133,11 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     losses = []
     for _ in range(args.steps):
-        batch = torch.randint(0, 240, (4, 17), generator=generator)
+        batch = torch.randint(0, 240, (4, 19), generator=generator)
         loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
         optimizer.zero_grad()
         loss.backward()
+        sum_sequence_parallel_grads(model)
         optimizer.step()
         losses.append(loss.item())
     result["losses"] = losses

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascendspeed.core import parallel_state as ps
-from ascendspeed.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                       gather_from_tensor_model_parallel_region,
-                                                       reduce_from_tensor_model_parallel_region,
-                                                       scatter_to_tensor_model_parallel_region)
+from ascendspeed.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region, scatter_to_tensor_model_parallel_region)
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -45,11 +45,13 @@ def _mark(param: nn.Parameter, parallel: bool, partition_dim: int = -1) -> nn.Pa
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rank r holds rows [r*V/t, (r+1)*V/t); partial lookups are summed over the TP group."""
+    """Rank r holds rows [r*V/t, (r+1)*V/t); partial lookups are summed over the TP group (with
+    sequence parallelism: reduce-scattered, each rank keeping its slice of the sequence)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_method: InitMethod,
-                 params_dtype=torch.float32, device=None):
+                 params_dtype=torch.float32, device=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         world = ps.get_tensor_model_parallel_world_size()
         self.num_embeddings = num_embeddings
         self.num_embeddings_per_partition = divide(num_embeddings, world, "the padded vocab size")
@@ -62,20 +64,25 @@ class VocabParallelEmbedding(nn.Module):
         if input_ids.numel() and (int(input_ids.max()) >= self.num_embeddings or int(input_ids.min()) < 0):
             raise IndexError(f"token id {int(input_ids.max())} outside the padded vocabulary "
                              f"[0, {self.num_embeddings})")
-        if ps.get_tensor_model_parallel_world_size() == 1:
+        if ps.get_tensor_model_parallel_world_size() == 1:  # (no sequence parallelism at TP=1)
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
         partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial)
         return reduce_from_tensor_model_parallel_region(partial)
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split by output features; the output stays split unless gather_output."""
+    """y = x A^T + b with A split by output features; the output stays split unless gather_output.
+    With sequence parallelism the input arrives split along the sequence and is all-gathered."""
 
     def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
-                 gather_output: bool = False, params_dtype=torch.float32, device=None):
+                 gather_output: bool = False, params_dtype=torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         world = ps.get_tensor_model_parallel_world_size()
         self.output_size_per_partition = divide(output_size, world, "the output size")
         self.gather_output = gather_output
@@ -87,19 +94,24 @@ class ColumnParallelLinear(nn.Module):
             self.bias = _mark(nn.Parameter(zeros), True, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        x = (gather_from_sequence_parallel_region(x) if self.sequence_parallel
+             else copy_to_tensor_model_parallel_region(x))
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input features: partial products are summed over the TP
     group, then the (replicated) bias is added once. With skip_bias_add the bias is returned for
-    the caller to fuse into bias-dropout-add."""
+    the caller to fuse into bias-dropout-add. With sequence parallelism the partial products are
+    reduce-scattered along the sequence, and the bias (added to a slice of the tokens) is marked
+    `sequence_parallel`: its gradient must be summed over the TP ranks."""
 
     def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
                  input_is_parallel: bool = True, skip_bias_add: bool = False,
-                 params_dtype=torch.float32, device=None):
+                 params_dtype=torch.float32, device=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         world = ps.get_tensor_model_parallel_world_size()
         self.input_size_per_partition = divide(input_size, world, "the input size")
         self.input_is_parallel = input_is_parallel
@@ -110,11 +122,14 @@ class RowParallelLinear(nn.Module):
         if bias:
             zeros = torch.zeros(output_size, dtype=params_dtype, device=device)
             self.bias = _mark(nn.Parameter(zeros), False)
+            self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        y = (reduce_scatter_to_sequence_parallel_region(partial) if self.sequence_parallel
+             else reduce_from_tensor_model_parallel_region(partial))
         if self.skip_bias_add:
             return y, self.bias
         return y + self.bias if self.bias is not None else y
