@@ -1,19 +1,26 @@
-"""Optimizers with Megatron's mixed-precision contract.
+"""Optimizers with Megatron's mixed-precision contract, over data-parallel gradient buffers.
+
+Gradients accumulate in fp32 `param.main_grad` buffers (ascendspeed.core.distributed), whose
+buckets are averaged over data parallelism during backward. `step()` then runs Megatron's
+finalize sequence: wait for the buckets, sum sequence-parallel and shared-embedding gradients
+across ranks, unscale, skip the step everywhere if any rank saw an inf/nan (half precision), clip
+by the global norm, step AdamW, copy the masters back into the model.
 
 `FP32Optimizer` steps the model's own fp32 parameters. `Float16Optimizer` serves a bf16 or fp16
-model: it keeps fp32 master copies that AdamW updates, accumulates every micro-batch's gradient
-into fp32 master gradients (no half-precision accumulation), unscales them, skips the step when any
-rank saw an inf/nan (fp16 overflow), and copies the updated masters back into the model. Both expose
-`scale_loss`, `accumulate_grads`, `step(reduce, clip)`, `zero_grad`, `param_groups` and `loss_scale`,
-so the training loop does not branch on precision.
+model with fp32 master copies (fp16 with a loss scaler). `DistributedOptimizer`
+(distrib_optimizer.py) is the ZeRO-1 variant of both. All expose `zero_grad(num_microbatches)`,
+`scale_loss`, `step() -> (updated, grad_norm)`, `param_groups` and `loss_scale`, so the training
+loop does not branch on precision or sharding.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from ascendspeed.core.distributed import DataParallelGrads, finalize_model_grads
+from ascendspeed.optimizer.clip_grads import clip_grads, counts_toward_norm, global_grad_norm
 
 class ConstantLossScaler:
     def __init__(self, scale: float = 1.0):
@@ -69,115 +76,152 @@ class DynamicLossScaler:
         self._hysteresis_tracker = int(state["hysteresis_tracker"])
 
 
-GradReducer = Callable[[list[torch.Tensor]], None]
-GradClipper = Callable[[list[torch.nn.Parameter]], float]
+MakeOptimizer = Callable[[list[dict]], torch.optim.Optimizer]
+LossScaler = ConstantLossScaler | DynamicLossScaler
 
 
-class _WrappedOptimizer:
-    """What the loop and the LR scheduler read: the inner optimizer's groups and the loss scale."""
+class MegatronOptimizer:
+    """The step sequence; subclasses say which fp32 tensors the inner optimizer steps, where
+    their gradients are, and how updated values reach the model."""
     optimizer: torch.optim.Optimizer
-    scaler: ConstantLossScaler | DynamicLossScaler
+    sharded = False  # gradients (and the norm's sum of squares) split over DP
+
+    def __init__(self, grads: DataParallelGrads, scaler: LossScaler, clip_grad: float,
+                 check_for_overflow: bool):
+        self.grads = grads
+        self.scaler = scaler
+        self.clip_grad = clip_grad
+        self.check_for_overflow = check_for_overflow
 
     @property
-    def param_groups(self):
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's groups: the LR scheduler writes `lr` here."""
         return self.optimizer.param_groups
 
     @property
     def loss_scale(self) -> float:
         return self.scaler.scale
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scaler.scale if self.scaler.scale != 1.0 else loss
 
-class FP32Optimizer(_WrappedOptimizer):
-    """The model's parameters are the master weights."""
+    def zero_grad(self, num_microbatches: int = 1) -> None:
+        """Begin a step of `num_microbatches` backward passes (the count finds each parameter's
+        last gradient, which launches its bucket's reduction)."""
+        self.grads.zero_grad(num_microbatches)
 
-    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
-        self.optimizer = make_optimizer(param_groups)
-        self.scaler = ConstantLossScaler(1.0)
+    def accumulate_grads(self) -> None:
+        """No-op, kept for old loops: the gradient hooks accumulate into fp32 buffers."""
+
+    # -- what subclasses provide
+    def _main_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Attach fp32 gradients to the stepped tensors; (all of them, those the norm counts)."""
+        raise NotImplementedError
+
+    def _copy_main_to_model(self) -> None:
+        raise NotImplementedError
+
+    # -- the step
+    def step(self) -> tuple[bool, float | None]:
+        self.grads.finish_grad_sync()
+        finalize_model_grads(self.grads.params)
+        grads, counted = self._main_grads()
+        if self.scaler.scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        if self.check_for_overflow:
+            overflow = self._found_inf(grads)
+            self.scaler.update(overflow)
+            if overflow:
+                self._release_grads()
+                return False, None
+        grad_norm = global_grad_norm(counted, sharded=self.sharded)
+        clip_grads(grads, self.clip_grad, grad_norm)
+        self.optimizer.step()
+        self._release_grads()
+        self._copy_main_to_model()
+        return True, grad_norm
+
+    @staticmethod
+    def _found_inf(grads: list[torch.Tensor]) -> bool:
+        """Whether any rank's gradients hold an inf/nan: one overflow skips the step everywhere."""
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+        for grad in grads:
+            found = torch.maximum(found, (~torch.isfinite(grad)).any().float())
+        if dist.is_initialized():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
+    def state_bytes(self) -> int:
+        """Bytes of the stepped fp32 tensors (masters, or master shards) and of the optimizer
+        state on this rank: what ZeRO-1 divides by DP."""
+        tensors = [p for g in self.optimizer.param_groups for p in g["params"]]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values()
+                    if torch.is_tensor(t) and t.dim() > 0]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _release_grads(self) -> None:
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+
+def _groups_like(param_groups: list[dict], replace) -> list[dict]:
+    """The groups with each parameter mapped through `replace` (None drops it), options kept."""
+    out = []
+    for group in param_groups:
+        params = [q for q in (replace(p) for p in group["params"]) if q is not None]
+        out.append({**group, "params": params})
+    return out
+
+
+class FP32Optimizer(MegatronOptimizer):
+    """The model's fp32 parameters are the master weights; their grads are the buffers."""
+
+    def __init__(self, grads: DataParallelGrads, param_groups: list[dict],
+                 make_optimizer: MakeOptimizer, clip_grad: float = 0.0):
+        super().__init__(grads, ConstantLossScaler(1.0), clip_grad, check_for_overflow=False)
+        self.optimizer = make_optimizer(_groups_like(param_groups, lambda p: p))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+    def _main_grads(self):
+        grads = []
+        for param in self.params:
+            param.grad = param.main_grad
+            grads.append(param.main_grad)
+        return grads, [p.main_grad for p in self.params if counts_toward_norm(p)]
 
-    def accumulate_grads(self) -> None:
-        pass  # autograd already accumulates in fp32
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self, reduce_grads: GradReducer, clip: GradClipper) -> tuple[bool, float]:
-        reduce_grads([p.grad for p in self.params if p.grad is not None])
-        grad_norm = clip(self.params)
-        self.optimizer.step()
-        return True, grad_norm
+    def _copy_main_to_model(self) -> None:
+        pass
 
 
-class Float16Optimizer(_WrappedOptimizer):
-    """fp32 master weights and gradients for a bf16/fp16 model, with loss scaling."""
+class Float16Optimizer(MegatronOptimizer):
+    """fp32 master weights for a bf16/fp16 model, with loss scaling and overflow skips."""
 
-    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
-                 scaler):
-        self.scaler = scaler
-        self.model_params: list[torch.nn.Parameter] = []
-        self.master_params: list[torch.nn.Parameter] = []
-        master_groups = []
+    def __init__(self, grads: DataParallelGrads, param_groups: list[dict],
+                 make_optimizer: MakeOptimizer, scaler: LossScaler, clip_grad: float = 0.0):
+        super().__init__(grads, scaler, clip_grad, check_for_overflow=True)
+        self.masters: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
         for group in param_groups:
-            masters = []
             for param in group["params"]:
-                master = torch.nn.Parameter(param.detach().float().clone())
-                for attribute in ("tensor_model_parallel", "partition_dim"):  # for clipping
-                    if hasattr(param, attribute):
-                        setattr(master, attribute, getattr(param, attribute))
-                self.model_params.append(param)
-                self.master_params.append(master)
-                masters.append(master)
-            master_groups.append({**group, "params": masters})
-        self.optimizer = make_optimizer(master_groups)
+                self.masters[param] = torch.nn.Parameter(param.detach().float().clone())
+        self.optimizer = make_optimizer(_groups_like(param_groups, self.masters.get))
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scaler.scale
+    @property
+    def model_params(self) -> list[torch.nn.Parameter]:
+        return list(self.masters)
 
-    def accumulate_grads(self) -> None:
-        """Move this micro-batch's half-precision gradients into the fp32 master gradients."""
-        for param, master in zip(self.model_params, self.master_params):
-            if param.grad is None:
-                continue
-            if master.grad is None:
-                master.grad = param.grad.float()
-            else:
-                master.grad.add_(param.grad)
-            param.grad = None
+    @property
+    def master_params(self) -> list[torch.nn.Parameter]:
+        return list(self.masters.values())
 
-    def zero_grad(self) -> None:
-        for param, master in zip(self.model_params, self.master_params):
-            param.grad = None
-            master.grad = None
+    def _main_grads(self):
+        grads = []
+        for param, master in self.masters.items():
+            master.grad = param.main_grad  # already fp32: a view, no copy
+            grads.append(master.grad)
+        return grads, [p.main_grad for p in self.masters if counts_toward_norm(p)]
 
-    def step(self, reduce_grads: GradReducer, clip: GradClipper) -> tuple[bool, float | None]:
-        grads = [m.grad for m in self.master_params if m.grad is not None]
-        reduce_grads(grads)
-        inverse = 1.0 / self.scaler.scale
-        found_inf = torch.zeros((), dtype=torch.float32)
-        for grad in grads:
-            grad.mul_(inverse)
-            found_inf = torch.maximum(found_inf, (~torch.isfinite(grad)).any().float().cpu())
-        if dist.is_initialized():  # one rank's overflow skips the step everywhere
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-        overflow = bool(found_inf.item())
-        self.scaler.update(overflow)
-        if overflow:
-            return False, None
-        grad_norm = clip(self.master_params)
-        self.optimizer.step()
-        with torch.no_grad():
-            for param, master in zip(self.model_params, self.master_params):
-                param.copy_(master)
-        return True, grad_norm
-
-
-def build_optimizer(param_groups: Iterable[dict], make_optimizer, params_dtype: torch.dtype,
-                    scaler=None):
-    """FP32Optimizer for an fp32 model, Float16Optimizer (with `scaler`, default constant 1) else."""
-    groups = list(param_groups)
-    if params_dtype == torch.float32:
-        return FP32Optimizer(groups, make_optimizer)
-    return Float16Optimizer(groups, make_optimizer, scaler or ConstantLossScaler(1.0))
+    @torch.no_grad()
+    def _copy_main_to_model(self) -> None:
+        for param, master in self.masters.items():
+            param.copy_(master)
