@@ -130,3 +130,23 @@ def get_data_parallel_rank() -> int:
 
 def get_embedding_group():
     return _EMBEDDING_GROUP
+
+
+def is_rank_in_embedding_group() -> bool:
+    """Whether this rank holds a copy of the shared word embeddings whose gradient is summed
+    over the embedding group: the first or last stage, with pipeline parallelism only."""
+    return (_EMBEDDING_GROUP is not None and get_pipeline_model_parallel_world_size() > 1
+            and (is_pipeline_first_stage() or is_pipeline_last_stage()))
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    """Global rank of the next stage (wrapping around: the interleaved schedule sends from the
+    last stage's chunk c to the first stage's chunk c + 1)."""
+    rank = get_pipeline_model_parallel_rank()
+    return _PP_RANKS[(rank + 1) % len(_PP_RANKS)]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    """Global rank of the previous stage (wrapping around, as the next rank)."""
+    rank = get_pipeline_model_parallel_rank()
+    return _PP_RANKS[(rank - 1) % len(_PP_RANKS)]
