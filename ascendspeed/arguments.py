@@ -371,18 +371,12 @@ def _ds_zero_stage(ds: dict | None) -> int:
 # parser, but whose feature has not landed. Each entry is (flag, test); the test returns something
 # true (a string adds detail) when the namespace asks for the feature. PretrainConfig.from_args
 # refuses every one that is set, in one message. Remove an entry in the change that lands it.
+_ZERO_2_3 = "ZeRO stage 2/3 is not supported; stage 1 = --use-distributed-optimizer"
+
 NOT_YET_SUPPORTED = (
-    ("--pipeline-model-parallel-size",
-     lambda a, ds: a.pipeline_model_parallel_size != 1
-     and f"got {a.pipeline_model_parallel_size}; this version runs 1"),
-    ("--num-layers-per-virtual-pipeline-stage",
-     lambda a, ds: a.num_layers_per_virtual_pipeline_stage is not None),
-    ("--pp-partition-method", lambda a, ds: a.pp_partition_method is not None),
-    ("--sequence-parallel", lambda a, ds: a.sequence_parallel),
-    ("--use-distributed-optimizer", lambda a, ds: a.use_distributed_optimizer),
-    ("--zero-stage", lambda a, ds: (a.zero_stage or 0) > 0 and f"got {a.zero_stage}; runs 0"),
+    ("--zero-stage", lambda a, ds: (a.zero_stage or 0) > 1 and f"got {a.zero_stage}; {_ZERO_2_3}"),
     ("--deepspeed_config zero_optimization.stage",
-     lambda a, ds: _ds_zero_stage(ds) > 0 and f"got {_ds_zero_stage(ds)}; runs 0"),
+     lambda a, ds: _ds_zero_stage(ds) > 1 and f"got {_ds_zero_stage(ds)}; {_ZERO_2_3}"),
     ("--deepspeed_config optimizer/scheduler sections",
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
@@ -966,6 +960,9 @@ class PretrainConfig:
         if self.model.ffn_hidden_size % tp:
             raise ConfigError(f"--ffn-hidden-size {self.model.ffn_hidden_size} is not divisible "
                               f"by --tensor-model-parallel-size {tp}")
+        if self.parallel.sequence_parallel and self.model.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel: --seq-length {self.model.seq_length} is not "
+                              f"divisible by --tensor-model-parallel-size {tp}")
         dp = self.parallel.data_parallel_size
         training = self.training
         if training.micro_batch_size * training.num_microbatches * dp \
@@ -977,6 +974,8 @@ class PretrainConfig:
         if self.data.seq_length != self.model.seq_length:
             raise ConfigError(f"data seq_length {self.data.seq_length} != model seq_length "
                               f"{self.model.seq_length}")
+        from ascendspeed.core.pipeline_parallel.partition import validate_pretrain_config
+        validate_pretrain_config(self)  # the pipeline layout, before any process group
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, world_size: int) -> "PretrainConfig":

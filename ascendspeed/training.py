@@ -1,9 +1,11 @@
 """The pretraining loop: set up processes and groups, build model, optimizer and data, then
-iterate micro-batches -> gradient all-reduce over data parallelism -> global-norm clipping ->
-AdamW step -> LR schedule, logging in Megatron's format and evaluating on schedule.
+iterate micro-batches through the pipeline schedule (Megatron's 1F1B, interleaved or not) ->
+gradient all-reduce over data parallelism -> global-norm clipping -> AdamW step -> LR schedule,
+logging in Megatron's format and evaluating on schedule.
 
 Data: every rank builds the datasets (one process per node builds the index caches) and reads
-its data-parallel slice; tensor-parallel peers read the same micro-batches.
+its data-parallel slice; tensor-parallel peers read the same micro-batches, and so do all
+pipeline stages (only the first and last use the tokens, but every iterator advances alike).
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import torch.distributed as dist
 from ascendspeed import device
 from ascendspeed.arguments import ConfigError, PretrainConfig
 from ascendspeed.core import parallel_state as ps
+from ascendspeed.core.pipeline_parallel.partition import stage_layout
+from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.data.gpt_dataset import build_datasets
 from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
 from ascendspeed.microbatches import NumMicroBatchesCalculator
 from ascendspeed.model.bloom import BloomConfig, BloomModel
+from ascendspeed.optimizer import build_optimizer
 from ascendspeed.optimizer.lr_scheduler import OptimizerParamScheduler
-from ascendspeed.optimizer.mixed_precision import (ConstantLossScaler, DynamicLossScaler,
-                                                   build_optimizer)
+from ascendspeed.optimizer.mixed_precision import ConstantLossScaler, DynamicLossScaler
 from ascendspeed.optimizer.param_groups import get_param_groups
 from ascendspeed.training_log import (TensorBoardWriter, format_iteration_line,
                                       measure_throughput, model_flops_per_iteration,
@@ -45,7 +49,7 @@ class TrainResult:
     grad_norms: list[float | None] = field(default_factory=list)
     skipped_iterations: int = 0
     global_batch_sizes: list[int] = field(default_factory=list)
-    model: torch.nn.Module | None = None
+    model: list[torch.nn.Module] | None = None  # this rank's model chunks
     validation_losses: dict[int, float] = field(default_factory=dict)
 
 
@@ -68,7 +72,9 @@ def is_logging_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
 
 
-def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
+def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomModel]:
+    """This rank's model chunks: one per pipeline stage, several with the interleaved schedule.
+    The embedding is on the first stage's first chunk, the head on the last stage's last."""
     m = config.model
     bloom = BloomConfig(vocab_size=padded_vocab_size, hidden_size=m.hidden_size,
                         num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -77,8 +83,19 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> BloomModel:
                         init_method_std=m.init_method_std, embed_layernorm=m.embed_layernorm,
                         init_seed=config.training.seed,
                         params_dtype=getattr(torch, config.precision.params_dtype),
-                        recompute_granularity=m.recompute_granularity)
-    return BloomModel(bloom).to(device.current_device())
+                        recompute_granularity=m.recompute_granularity,
+                        sequence_parallel=config.parallel.sequence_parallel)
+    parallel = config.parallel
+    layout = stage_layout(m.num_layers, parallel.pipeline_model_parallel_size,
+                          ps.get_pipeline_model_parallel_rank(),
+                          parallel.num_layers_per_virtual_pipeline_stage,
+                          parallel.pp_partition_method,
+                          half_precision=config.precision.params_dtype != "float32")
+    last = len(layout.chunks) - 1
+    return [BloomModel(bloom, pre_process=layout.pre_process and i == 0,
+                       post_process=layout.post_process and i == last,
+                       layer_numbers=layers).to(device.current_device())
+            for i, layers in enumerate(layout.chunks)]
 
 
 def build_data_loaders(config: PretrainConfig):
@@ -109,52 +126,37 @@ def _iterate(loader, dataloader_type: str, name: str):
                        f"dataset for more samples (--train-samples/--train-iters, --eval-iters)")
 
 
-def micro_batch_loss(model, batch) -> torch.Tensor:
-    """Megatron's GPT loss: tokens = text[:, :-1], labels = text[:, 1:], mean over the tokens."""
+def forward_step(model: BloomModel, batch, input_tensor: torch.Tensor | None) -> torch.Tensor:
+    """One model chunk on one micro-batch: tokens = text[:, :-1]. A chunk with the head returns
+    Megatron's GPT loss (labels = text[:, 1:], mean over the tokens); the others return their
+    hidden states for the next stage. Chunks without the embedding take `input_tensor`."""
     text = batch["text"].to(device.current_device())
-    losses = model(text[:, :-1], labels=text[:, 1:])
+    if not model.post_process:
+        return model(text[:, :-1], hidden_states=input_tensor)
+    losses = model(text[:, :-1], labels=text[:, 1:], hidden_states=input_tensor)
     return losses.float().mean()
 
 
-def all_reduce_gradients(grads: list[torch.Tensor]) -> None:
-    """Average gradients over the data-parallel group (one flat all-reduce)."""
-    if ps.get_data_parallel_world_size() == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ps.get_data_parallel_group())
-    flat /= ps.get_data_parallel_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+def run_microbatches(model: list[BloomModel], data_iterator, config: PretrainConfig,
+                     num_microbatches: int, scale_loss, forward_only: bool = False) -> list[float]:
+    """Forward (and backward) over the micro-batches with the configured pipeline schedule; the
+    per-micro-batch losses on the last stage, [] elsewhere."""
+    parallel, m = config.parallel, config.model
+    seq = (m.seq_length // parallel.tensor_model_parallel_size if parallel.sequence_parallel
+           else m.seq_length)
+    tensor_shape = (config.training.micro_batch_size, seq, m.hidden_size)
+    schedule = get_forward_backward_func(parallel)
+    return schedule(forward_step, data_iterator, model, num_microbatches, tensor_shape,
+                    getattr(torch, config.precision.params_dtype), scale_loss,
+                    forward_only=forward_only)
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Global L2 norm over every parameter, counting a TP-replicated parameter once (only TP
-    rank 0 adds it); scale the gradients down to max_norm when above it."""
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), dtype=torch.float32, device=device.current_device())
-    grads = []
-    for param in params:
-        if param.grad is None:
-            continue
-        grads.append(param.grad)
-        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
-            squares += param.grad.float().pow(2).sum()
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
-    total = math.sqrt(squares.item())
-    if max_norm > 0 and total > max_norm:
-        coefficient = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(coefficient)
-    return total
-
-
-def build_training_optimizer(model, config: PretrainConfig):
-    """AdamW over Megatron's parameter groups, with fp32 master weights for a bf16/fp16 model;
-    fp16 gets a loss scaler (dynamic unless --loss-scale), bf16 needs none."""
-    opt, precision = config.optimizer, config.precision
+def build_training_optimizer(model_chunks: list[torch.nn.Module], config: PretrainConfig):
+    """AdamW over Megatron's parameter groups, on fp32 gradient buffers whose buckets are averaged
+    over DP during backward (--overlap-grad-reduce); fp32 master weights for a bf16/fp16 model,
+    a loss scaler for fp16 (dynamic unless --loss-scale); sharded over DP with ZeRO-1
+    (--use-distributed-optimizer). `step()` also clips to --clip-grad."""
+    opt, precision, parallel = config.optimizer, config.precision, config.parallel
 
     def make(groups):
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.adam_eps)
@@ -164,8 +166,12 @@ def build_training_optimizer(model, config: PretrainConfig):
         scaler = (ConstantLossScaler(precision.loss_scale) if precision.loss_scale else
                   DynamicLossScaler(precision.initial_loss_scale, precision.min_loss_scale,
                                     precision.loss_scale_window, precision.hysteresis))
-    return build_optimizer(get_param_groups(model, opt.weight_decay), make,
-                           getattr(torch, precision.params_dtype), scaler)
+    return build_optimizer(model_chunks, get_param_groups(model_chunks, opt.weight_decay), make,
+                           params_dtype=getattr(torch, precision.params_dtype), scaler=scaler,
+                           clip_grad=config.training.clip_grad,
+                           bucket_size=parallel.bucket_size,
+                           overlap_grad_reduce=parallel.overlap_grad_reduce,
+                           use_distributed_optimizer=parallel.use_distributed_optimizer)
 
 
 def _average_over_data_parallel(value: float) -> float:
@@ -176,33 +182,43 @@ def _average_over_data_parallel(value: float) -> float:
     return tensor.item() / ps.get_data_parallel_world_size()
 
 
+def _loss_from_last_stage(losses: list[float]) -> float:
+    """The mean micro-batch loss, averaged over DP and then sent from the last pipeline stage to
+    the others (every stage runs the same collectives), so every rank reports the same loss."""
+    loss = _average_over_data_parallel(sum(losses) / len(losses) if losses else 0.0)
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return loss
+    group = ps.get_pipeline_model_parallel_group()
+    tensor = torch.tensor([loss], dtype=torch.float64)
+    dist.broadcast(tensor, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return tensor.item()
+
+
 def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig,
                num_microbatches: int, global_batch_size: int):
     """One iteration over num_microbatches micro-batches: (loss, grad norm, updated). An fp16
     overflow skips the update (and the LR step), as Megatron does."""
-    optimizer.zero_grad()
-    total = 0.0
-    for _ in range(num_microbatches):
-        loss = micro_batch_loss(model, next(data_iterator))
-        optimizer.scale_loss(loss / num_microbatches).backward()
-        optimizer.accumulate_grads()
-        total += loss.item()
-    updated, grad_norm = optimizer.step(
-        all_reduce_gradients, lambda params: clip_grad_norm(params, config.training.clip_grad))
+    optimizer.zero_grad(num_microbatches)
+    losses = run_microbatches(model, data_iterator, config, num_microbatches, optimizer.scale_loss)
+    updated, grad_norm = optimizer.step()
     if updated:
         scheduler.step(global_batch_size)
-    return _average_over_data_parallel(total / num_microbatches), grad_norm, updated
+    return _loss_from_last_stage(losses), grad_norm, updated
 
 
 @torch.no_grad()
-def evaluate(model, data_iterator, config: PretrainConfig) -> float:
-    model.eval()
-    total = 0.0
-    steps = config.training.eval_iters * config.training.num_microbatches
-    for _ in range(steps):
-        total += micro_batch_loss(model, next(data_iterator)).item()
-    model.train()
-    return _average_over_data_parallel(total / steps)
+def evaluate(model: list[BloomModel], data_iterator, config: PretrainConfig) -> float:
+    """Mean loss over --eval-iters iterations of micro-batches, forward only."""
+    for chunk in model:
+        chunk.eval()
+    losses: list[float] = []
+    for _ in range(config.training.eval_iters):
+        losses += run_microbatches(model, data_iterator, config,
+                                   config.training.num_microbatches, lambda loss: loss,
+                                   forward_only=True)
+    for chunk in model:
+        chunk.train()
+    return _loss_from_last_stage(losses)
 
 
 def _time_is_up(start: float, minutes: float) -> bool:
@@ -223,11 +239,12 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                                            config.parallel.tensor_model_parallel_size,
                                            config.tokenizer.pad_vocab_size_to)
     model = build_model(config, padded_vocab)
-    model.train()
+    for chunk in model:
+        chunk.train()
     optimizer = build_training_optimizer(model, config)
     scheduler = OptimizerParamScheduler.from_config(optimizer, config)
     if is_logging_rank():
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for chunk in model for p in chunk.parameters())
         log(f" > {params:,} parameters on this rank (padded vocab {padded_vocab}, tokenizer "
             f"{tokenizer.vocab_size}); world {config.parallel.world_size} = TP "
             f"{config.parallel.tensor_model_parallel_size} x PP "
@@ -259,7 +276,8 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
         skipped += 0 if updated else 1
         nans += 0 if math.isfinite(loss) else 1
         result.skipped_iterations += 0 if updated else 1
-        interval_loss += loss
+        if updated:  # Megatron averages the interval's loss over the iterations that stepped
+            interval_loss += loss
         if iteration % training.log_interval == 0 or iteration == training.train_iters:
             device.synchronize()
             steps = iteration - (iteration - 1) // training.log_interval * training.log_interval
@@ -271,19 +289,21 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                 seconds_per_iteration=seconds, world_size=config.parallel.world_size,
                 peak_flops=training.peak_flops)
             learning_rate = optimizer.param_groups[0]["lr"]
+            # As Megatron: no loss is printed for an interval in which every step was skipped.
+            interval_losses = {"lm loss": interval_loss / (steps - skipped)} if steps > skipped else {}
             if is_logging_rank():
                 log(format_iteration_line(
                     iteration=iteration, train_iters=training.train_iters,
                     consumed_samples=result.consumed_train_samples,
                     seconds_per_iteration=seconds, learning_rate=learning_rate,
                     global_batch_size=global_batch,
-                    losses={"lm loss": interval_loss / steps}, grad_norm=grad_norm,
+                    losses=interval_losses, grad_norm=grad_norm,
                     loss_scale=optimizer.loss_scale, skipped_iterations=skipped,
                     nan_iterations=nans, throughput=throughput))
                 writer.log_training(iteration, result.consumed_train_samples,
                                     learning_rate=learning_rate,
                                     global_batch_size=global_batch,
-                                    losses={"lm loss": interval_loss / steps},
+                                    losses=interval_losses,
                                     loss_scale=optimizer.loss_scale,
                                     grad_norm=grad_norm, seconds_per_iteration=seconds,
                                     throughput=throughput,

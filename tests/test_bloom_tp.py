@@ -63,9 +63,11 @@ def test_dropout_keeps_replicated_parameters_identical(tmp_path, extra):
     assert report["tp_streams_differ"] and report["default_streams_equal"]
 
 
-def test_bf16_training_keeps_replicated_parameters_identical(tmp_path):
-    """50 bf16 AdamW steps at TP=2: LayerNorms and row-parallel biases stay bitwise equal on both
-    ranks (BLOOM-176B's layer-norm drift bug)."""
-    report = launch_worker(tmp_path / "bf16.json", 2, "--bf16-steps", "50")
+@pytest.mark.parametrize("extra", [(), ("--sequence-parallel",)], ids=["tp", "sequence-parallel"])
+def test_bf16_training_keeps_replicated_parameters_identical(tmp_path, extra):
+    """50 bf16 AdamW steps at TP=2 through our optimizer: LayerNorms and row-parallel biases stay
+    bitwise equal on both ranks (BLOOM-176B's layer-norm drift bug), also under sequence
+    parallelism, where their gradients are partial sums that the optimizer adds up over TP."""
+    report = launch_worker(tmp_path / "bf16.json", 2, "--bf16-steps", "50", *extra)
     assert report["replicated_differs"] is None
     assert len(report["losses"]) == 50

@@ -81,7 +81,10 @@ def test_reference_run_logs_megatron_lines_and_tensorboard(corpus, reference):
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
                                     ["--tensor-model-parallel-size", "1"],  # DP = 2
-                                    ["--tensor-model-parallel-size", "2", "--checkpoint-activations"]])
+                                    ["--tensor-model-parallel-size", "2", "--checkpoint-activations"],
+                                    # DP = 2, ZeRO-1, several overlapped buckets
+                                    ["--use-distributed-optimizer", "--ddp-bucket-size", "20000"],
+                                    ["--no-overlap-grad-reduce", "--ddp-bucket-size", "20000"]])
 def test_two_process_layouts_reproduce_tp1(corpus, reference, layout):
     got = losses(launch(2, model_args(corpus, *layout)))
     assert len(got) == len(reference)
@@ -95,7 +98,8 @@ def test_two_process_layouts_reproduce_tp1(corpus, reference, layout):
     (2, ["--tensor-model-parallel-size", "3"], "world size 2 is not divisible"),
     (1, ["--global-batch-size", "7"], "--global-batch-size 7"),
     (1, ["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
-    (1, ["--sequence-parallel"], "--sequence-parallel: not yet supported"),
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"],
+     "--sequence-parallel: --seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
     (1, ["--fp16", "--bf16"], "--fp16 and --bf16"),
 ])
 def test_bad_configuration_is_refused_clearly(corpus, nproc, extra, message):
@@ -129,6 +133,22 @@ def test_fp16_with_dynamic_loss_scaling_runs_and_logs_the_scale(corpus, referenc
     got = losses(result)
     assert all(abs(o - r) <= 0.02 * abs(r) for o, r in zip(got, reference))
     assert "| loss scale: 4096.0 |" in result.stdout
+
+
+def test_fp16_overflow_skips_the_step_halves_the_scale_and_logs_no_loss(corpus):
+    """Scale 2^40 overflows fp16: the step is skipped (counted, no loss printed for an interval of
+    skipped steps, as Megatron), the scale halves each time, and training then proceeds."""
+    result = launch(1, model_args(corpus, "--fp16", "--initial-loss-scale", str(2.0 ** 40),
+                                  "--hysteresis", "1", "--train-iters", "30"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(" iteration ")]
+    first = lines[0]
+    assert "lm loss" not in first and "number of skipped iterations:   1" in first
+    assert f"| loss scale: {2.0 ** 39:.1f} |" in first
+    scales = [float(x) for x in re.findall(r"loss scale: ([0-9.E+-]+)", result.stdout)]
+    assert all(b == a / 2 for a, b in zip(scales, scales[1:]) if b < a)
+    stepped = [line for line in lines if "lm loss" in line]
+    assert stepped and "number of skipped iterations:   0" in stepped[-1]
 
 
 def test_rampup_batch_size_grows_the_batch(corpus):

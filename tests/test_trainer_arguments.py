@@ -75,9 +75,10 @@ def test_7b1_launch_flags_parse_and_refuse_what_is_not_built(tmp_path, dataset):
     with pytest.raises(ConfigError) as error:
         PretrainConfig.from_args(args, world_size=4)
     lines = str(error.value).splitlines()
-    for flag in ("--save", "--save-interval", "--load", "--sequence-parallel"):
+    for flag in ("--save", "--save-interval", "--load"):
         assert f"{flag}: not yet supported in this version" in lines, flag
-    assert len(lines) == 4  # fp16 (flag, ds_config), activation checkpointing, ramp-up are honoured
+    # fp16 (flag, ds_config), sequence parallelism, activation checkpointing, ramp-up are honoured
+    assert len(lines) == 3
 
 
 def test_7b1_launch_flags_without_the_refused_features_build(tmp_path, dataset):
@@ -159,13 +160,8 @@ def test_extra_args_provider():
 
 # ---------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("extra,flag", [
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
-    (["--num-layers-per-virtual-pipeline-stage", "1"], "--num-layers-per-virtual-pipeline-stage"),
-    (["--pp-partition-method", "type:transformer|embedding"], "--pp-partition-method"),
-    (["--sequence-parallel"], "--sequence-parallel"),
     (["--recompute"], "--recompute"),
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
-    (["--zero-stage", "1"], "--zero-stage"),
+    (["--zero-stage", "2"], "--zero-stage"),
     (["--save", "ckpt"], "--save"), (["--load", "ckpt"], "--load"),
     (["--no-load-optim"], "--no-load-optim"), (["--finetune"], "--finetune"),
     (["--use-checkpoint-args"], "--use-checkpoint-args"),
@@ -183,13 +179,23 @@ def test_not_yet_supported_is_one_table():
 
 
 @pytest.mark.parametrize("ds_kwargs,message", [
-    (dict(stage=1), "--deepspeed_config zero_optimization.stage: not yet supported"),
+    (dict(stage=3), "--deepspeed_config zero_optimization.stage: not yet supported .*ZeRO "
+                    "stage 2/3 is not supported; stage 1 = --use-distributed-optimizer"),
     (dict(fp16=False, optimizer={"type": "Adam"}), "optimizer/scheduler sections: not yet"),
 ])
 def test_deepspeed_config_features_not_built_are_refused(tmp_path, dataset, ds_kwargs, message):
     ds = write_ds_config(tmp_path / "ds.json", **ds_kwargs)
     with pytest.raises(ConfigError, match=message):
         build(base_argv(dataset, "--deepspeed", "--deepspeed_config", ds))
+
+
+@pytest.mark.parametrize("extra,ds_stage", [(["--use-distributed-optimizer"], None),
+                                             (["--zero-stage", "1"], None), ([], 1)])
+def test_zero_stage_1_is_the_distributed_optimizer(tmp_path, dataset, extra, ds_stage):
+    if ds_stage is not None:
+        extra = ["--deepspeed", "--deepspeed_config",
+                 write_ds_config(tmp_path / "ds.json", fp16=False, stage=ds_stage)]
+    assert build(base_argv(dataset, *extra)).parallel.use_distributed_optimizer
 
 
 def test_deepspeed_config_missing_malformed_or_inconsistent(tmp_path, dataset):

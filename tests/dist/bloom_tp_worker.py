@@ -50,19 +50,19 @@ def sum_sequence_parallel_grads(model):
 
 def run_bf16(model, config, args, generator, tp):
     """BLOOM-176B's drift bug: bf16 training must keep replicated parameters bitwise equal."""
-    from ascendspeed.optimizer.mixed_precision import build_optimizer
+    from ascendspeed.optimizer import build_optimizer
 
     model = model.to(torch.bfloat16).train()
-    optimizer = build_optimizer([{"params": list(model.parameters())}],
-                                lambda groups: torch.optim.AdamW(groups, lr=1e-3), torch.bfloat16)
+    optimizer = build_optimizer([model], [{"params": list(model.parameters())}],
+                                lambda groups: torch.optim.AdamW(groups, lr=1e-3),
+                                params_dtype=torch.bfloat16)
     losses = []
     for _ in range(args.bf16_steps):
-        batch = torch.randint(0, 240, (4, 17), generator=generator)
-        optimizer.zero_grad()
+        batch = torch.randint(0, 240, (4, 19), generator=generator)
+        optimizer.zero_grad(1)
         loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
         optimizer.scale_loss(loss).backward()
-        optimizer.accumulate_grads()
-        optimizer.step(lambda grads: None, lambda params: 0.0)
+        optimizer.step()
         losses.append(loss.item())
     result = {"losses": losses, "replicated_differs": replicated_identical(model)}
     if dist.get_rank() == 0:
