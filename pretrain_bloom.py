@@ -1,4 +1,4 @@
-"""Pretrain BLOOM with tensor (and, as they land, pipeline and data) parallelism.
+"""Pretrain BLOOM with tensor, pipeline and data parallelism.
 
     torchrun --nproc_per_node 2 pretrain_bloom.py --tensor-model-parallel-size 2 \
         --num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 \
@@ -8,13 +8,15 @@
         --tokenizer-type PretrainedFromHF --tokenizer-name-or-path data/shakespeare/tokenizer
 
 Flags are Megatron-LM / Megatron-DeepSpeed's (see ascendspeed/arguments.py); flags of features
-not built yet are refused with a clear message rather than ignored.
+not built yet are refused with a clear message rather than ignored. `--save DIR --load DIR`
+resumes from the latest complete checkpoint in DIR (or starts from scratch when there is none).
 """
 import logging
 import os
 import sys
 
 from ascendspeed.arguments import ConfigError, PretrainConfig, parse_args
+from ascendspeed.checkpointing import CheckpointError, apply_checkpoint_args
 from ascendspeed.data.gpt_dataset import DatasetConfigError
 from megatron_ext.indexed_dataset import IndexedDatasetError
 
@@ -24,8 +26,13 @@ def main(argv=None) -> int:
                         format="%(message)s")
     args = parse_args(argv)
     try:
+        if args.use_checkpoint_args:
+            if not args.load:
+                raise ConfigError("--use-checkpoint-args needs --load DIR")
+            for change in apply_checkpoint_args(args):
+                logging.info(f" > from the checkpoint: {change}")
         config = PretrainConfig.from_args(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:  # before any process group exists: nothing can hang
+    except (ConfigError, CheckpointError) as error:  # before any process group: nothing can hang
         print(f"error: {error}", file=sys.stderr)
         return 2
     from ascendspeed.training import pretrain
@@ -36,7 +43,7 @@ def main(argv=None) -> int:
 
         if dist.is_initialized():
             dist.barrier()  # nobody tears gloo down while a peer is still in a collective
-    except (ConfigError, DatasetConfigError, IndexedDatasetError) as error:
+    except (ConfigError, CheckpointError, DatasetConfigError, IndexedDatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -286,8 +286,12 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--load", type=str, default=None)
     group.add_argument("--no-load-optim", action="store_true", default=None)
     group.add_argument("--no-load-rng", action="store_true", default=None)
-    group.add_argument("--finetune", action="store_true")
-    group.add_argument("--use-checkpoint-args", action="store_true")
+    group.add_argument("--finetune", action="store_true",
+                       help="load the model only: iteration 0, fresh optimizer, RNG and data")
+    group.add_argument("--use-checkpoint-args", action="store_true",
+                       help="take the model's shape flags from the --load checkpoint")
+    group.add_argument("--no-save-optim", action="store_true", default=None)
+    group.add_argument("--no-save-rng", action="store_true", default=None)
     return parser
 
 
@@ -381,14 +385,6 @@ NOT_YET_SUPPORTED = (
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
     ("--recompute", lambda a, ds: a.recompute),
-    ("--save", lambda a, ds: a.save is not None),
-    ("--save-interval", lambda a, ds: a.save_interval is not None),
-    ("--load", lambda a, ds: a.load is not None),
-    ("--no-load-optim", lambda a, ds: bool(a.no_load_optim)),
-    ("--no-load-rng", lambda a, ds: bool(a.no_load_rng)),
-    ("--finetune", lambda a, ds: a.finetune),
-    ("--use-checkpoint-args", lambda a, ds: a.use_checkpoint_args),
-    ("--exit-signal-handler", lambda a, ds: a.exit_signal_handler),
     ("--optimizer", lambda a, ds: a.optimizer != "adam" and f"got {a.optimizer}; runs adam"),
 )
 
@@ -594,6 +590,33 @@ class ParallelConfig:
                    use_distributed_optimizer=bool(args.use_distributed_optimizer) or zero_stage == 1,
                    overlap_grad_reduce=args.overlap_grad_reduce,
                    ddp_bucket_size=args.ddp_bucket_size)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save: str | None = None
+    save_interval: int | None = None
+    load: str | None = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    finetune: bool = False
+    exit_signal_handler: bool = False  # SIGTERM/SIGINT: save (with --save), then exit
+
+    def __post_init__(self):
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.save_interval is not None and self.save is None:
+            raise ConfigError("--save-interval needs --save DIR")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "CheckpointConfig":
+        return cls(save=args.save, save_interval=args.save_interval, load=args.load,
+                   no_load_optim=bool(args.no_load_optim), no_load_rng=bool(args.no_load_rng),
+                   no_save_optim=bool(args.no_save_optim), no_save_rng=bool(args.no_save_rng),
+                   finetune=bool(args.finetune), exit_signal_handler=bool(args.exit_signal_handler))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -949,6 +972,7 @@ class PretrainConfig:
     data: DataConfig
     tokenizer: TokenizerConfig
     precision: PrecisionConfig = PrecisionConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     deepspeed_config_path: str | None = None
     notices: tuple[str, ...] = ()  # accepted flags with no effect, for the log
 
@@ -1002,4 +1026,5 @@ class PretrainConfig:
         precision = PrecisionConfig.from_args(args, ds, args.deepspeed_config)
         return cls(model=model, parallel=parallel, training=training, optimizer=optimizer,
                    lr_schedule=lr_schedule, data=data, tokenizer=tokenizer, precision=precision,
+                   checkpoint=CheckpointConfig.from_args(args),
                    deepspeed_config_path=args.deepspeed_config, notices=notices)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from ascendspeed import device
 from ascendspeed.arguments import ConfigError, PretrainConfig
+from ascendspeed.checkpointing import LoadedState, load_checkpoint, save_checkpoint
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -98,7 +100,10 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomMod
             for i, layers in enumerate(layout.chunks)]
 
 
-def build_data_loaders(config: PretrainConfig):
+def build_data_loaders(config: PretrainConfig, consumed_train_samples: int = 0,
+                       consumed_valid_samples: int = 0):
+    """Train and validation loaders, started where a resumed run left off (Megatron's samplers
+    skip the consumed samples, so the data stream continues exactly)."""
     data, training = config.data, config.training
     train_ds, valid_ds, _ = build_datasets(data, training.train_valid_test_num_samples())
     if isinstance(train_ds, list) or isinstance(valid_ds, list):
@@ -106,12 +111,15 @@ def build_data_loaders(config: PretrainConfig):
                           "version (give one validation group)")
     options = dict(dataloader_type=data.dataloader_type, num_workers=data.num_workers)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    train = build_pretraining_data_loader(train_ds, 0, training.micro_batch_size, dp_rank, dp_size,
-                                          **options)
+    train = build_pretraining_data_loader(train_ds, consumed_train_samples,
+                                          training.micro_batch_size, dp_rank, dp_size, **options)
     valid = None
     if valid_ds is not None and len(valid_ds) and training.eval_iters > 0:
-        valid = build_pretraining_data_loader(valid_ds, 0, training.micro_batch_size, dp_rank,
-                                              dp_size, **options)
+        if data.dataloader_type == "single":  # the validation stream restarts after its end
+            consumed_valid_samples %= len(valid_ds)
+        valid = build_pretraining_data_loader(valid_ds, consumed_valid_samples,
+                                              training.micro_batch_size, dp_rank, dp_size,
+                                              **options)
     return train, valid
 
 
@@ -229,6 +237,50 @@ def _time_is_up(start: float, minutes: float) -> bool:
     return bool(done.item())
 
 
+def _quiet(*_args) -> None:
+    pass
+
+
+class ExitSignal:
+    """--exit-signal-handler: SIGTERM or SIGINT asks the run to stop after the current iteration
+    (saving a checkpoint first); every rank learns it at the same iteration."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        self._previous = {}
+        if enabled:
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._handle)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._previous)
+
+    def _handle(self, number, _frame) -> None:
+        self.received = True
+
+    def any_rank_received(self) -> bool:
+        flag = torch.tensor([float(self.received)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _exit_reason(iteration: int, training, run_start: float, stop_signal: ExitSignal) -> str | None:
+    """Why the run stops after this iteration (the same answer on every rank), or None."""
+    if training.exit_interval and iteration % training.exit_interval == 0:
+        return f"--exit-interval {training.exit_interval}"
+    if training.exit_duration_in_mins and _time_is_up(run_start, training.exit_duration_in_mins):
+        return f"--exit-duration-in-mins {training.exit_duration_in_mins}"
+    if stop_signal.enabled and stop_signal.any_rank_received():
+        return "signal received, --exit-signal-handler"
+    return None
+
+
 def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     initialize_distributed(config)
     for notice in config.notices:
@@ -243,13 +295,18 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
         chunk.train()
     optimizer = build_training_optimizer(model, config)
     scheduler = OptimizerParamScheduler.from_config(optimizer, config)
+    loaded = LoadedState()
+    if config.checkpoint.load:
+        loaded = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, config,
+                                 padded_vocab, log=log if is_logging_rank() else _quiet)
     if is_logging_rank():
         params = sum(p.numel() for chunk in model for p in chunk.parameters())
         log(f" > {params:,} parameters on this rank (padded vocab {padded_vocab}, tokenizer "
             f"{tokenizer.vocab_size}); world {config.parallel.world_size} = TP "
             f"{config.parallel.tensor_model_parallel_size} x PP "
             f"{config.parallel.pipeline_model_parallel_size} x DP {config.parallel.data_parallel_size}")
-    train_loader, valid_loader = build_data_loaders(config)
+    train_loader, valid_loader = build_data_loaders(config, loaded.consumed_train_samples,
+                                                    loaded.consumed_valid_samples)
     kind = config.data.dataloader_type
     train_iterator = _iterate(train_loader, kind, "training")
     valid_iterator = _iterate(valid_loader, kind, "validation") if valid_loader is not None else None
@@ -257,13 +314,25 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     training = config.training
     writer = TensorBoardWriter(training.tensorboard_dir if is_logging_rank() else None,
                                training.tensorboard_queue_size)
-    result = TrainResult()
+    result = TrainResult(iteration=loaded.iteration,
+                         consumed_train_samples=loaded.consumed_train_samples)
+    consumed_valid_samples = loaded.consumed_valid_samples
+    stop_signal = ExitSignal(config.checkpoint.exit_signal_handler)
+
+    def save(iteration: int) -> None:
+        path = save_checkpoint(config.checkpoint.save, iteration, model, optimizer, scheduler,
+                               config, padded_vocab, tokenizer.vocab_size,
+                               result.consumed_train_samples, consumed_valid_samples)
+        if is_logging_rank():
+            log(f" saved checkpoint at iteration {iteration} to {path}")
+
     run_start = time.time()
     interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
     microbatches = NumMicroBatchesCalculator(training.global_batch_size, training.micro_batch_size,
                                              config.parallel.data_parallel_size,
                                              training.rampup_batch_size)
-    for iteration in range(1, training.train_iters + 1):
+    saved_iteration = loaded.iteration
+    for iteration in range(loaded.iteration + 1, training.train_iters + 1):
         microbatches.update(result.consumed_train_samples)
         global_batch = microbatches.current_global_batch_size
         loss, grad_norm, updated = train_step(model, optimizer, scheduler, train_iterator, config,
@@ -311,6 +380,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
             interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
         if valid_iterator is not None and iteration % training.eval_interval == 0:
             valid_loss = evaluate(model, valid_iterator, config)
+            consumed_valid_samples += training.eval_iters * training.global_batch_size
             result.validation_losses[iteration] = valid_loss
             if is_logging_rank():
                 for line in validation_log_lines(iteration, {"lm loss": valid_loss}):
@@ -319,15 +389,22 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                                       {"lm loss": valid_loss},
                                       log_ppl=training.log_validation_ppl_to_tensorboard)
             interval_start = time.time()  # evaluation time is not training time
-        if training.exit_interval and iteration % training.exit_interval == 0:
+        checkpoint = config.checkpoint
+        if checkpoint.save and checkpoint.save_interval and iteration % checkpoint.save_interval == 0:
+            save(iteration)
+            saved_iteration = iteration
+        reason = _exit_reason(iteration, training, run_start, stop_signal)
+        if reason:
+            if checkpoint.save and saved_iteration != iteration:
+                save(iteration)
+                saved_iteration = iteration
             if is_logging_rank():
-                log(f" exiting at iteration {iteration} (--exit-interval {training.exit_interval})")
+                log(f" exiting at iteration {iteration} ({reason})")
             break
-        if training.exit_duration_in_mins and _time_is_up(run_start, training.exit_duration_in_mins):
-            if is_logging_rank():
-                log(f" exiting at iteration {iteration} (--exit-duration-in-mins "
-                    f"{training.exit_duration_in_mins})")
-            break
+    else:  # the run is complete: Megatron saves its last iteration too
+        if config.checkpoint.save and result.iteration != saved_iteration:
+            save(result.iteration)
+    stop_signal.restore()
     writer.close()
     result.model = model
     return result

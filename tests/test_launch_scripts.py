@@ -1,6 +1,7 @@
 """The users' launch scripts run unchanged: examples/bloom/pretrain_bloom_7b1.sh (TP over every
 device, fp16 with dynamic loss scaling from its DeepSpeed config, sequence parallelism, batch
-ramp-up, sample-based schedule) trains a tiny model on 4 CPU processes with the same flags."""
+ramp-up, sample-based schedule, --save/--load) trains a tiny model on 4 CPU processes with the
+same flags."""
 import os
 import re
 import subprocess
@@ -38,7 +39,8 @@ def test_7b1_flag_set_trains_a_tiny_model_on_four_processes(hf_dataset):
                NPROC="4", TP="4", NUM_LAYERS="2", HIDDEN="64", HEADS="4", SEQ_LEN="32",
                MICRO_BATCH="1", GLOBAL_BATCH="8", RAMPUP="4 2 16", TRAIN_SAMPLES="96",
                LR_DECAY_SAMPLES="96", LR_WARMUP_SAMPLES="8", PAD_VOCAB_TO="512", BACKEND="gloo",
-               EVAL_INTERVAL="5", MASTER_PORT="29517")
+               EVAL_INTERVAL="5", SAVE_INTERVAL="6", CHECKPOINT_PATH=str(root / "ckpt"),
+               MASTER_PORT="29517")
     result = subprocess.run(["bash", "examples/bloom/pretrain_bloom_7b1.sh"], capture_output=True,
                             text=True, cwd=REPO_ROOT, env=env, timeout=600)
     output = result.stdout + result.stderr
@@ -50,3 +52,5 @@ def test_7b1_flag_set_trains_a_tiny_model_on_four_processes(hf_dataset):
     losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", output)]
     assert len(losses) >= 10 and losses[-1] < losses[0]
     assert "validation loss at iteration 5" in output
+    saved = sorted(p.name for p in (root / "ckpt").iterdir())
+    assert "iter_0000006" in saved and "latest_checkpointed_iteration.txt" in saved

@@ -106,6 +106,9 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
                                                          data_parallel_size)
     else:
         raise ValueError(f"--dataloader-type {dataloader_type!r}: expected single or cyclic")
+    # Each new iterator of a DataLoader draws a seed from its generator; a private one keeps the
+    # global torch RNG (dropout) untouched, so a resumed run replays the same dropout masks.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(0))

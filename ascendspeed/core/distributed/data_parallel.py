@@ -35,6 +35,8 @@ class DataParallelGrads:
         self.overlap_grad_reduce = overlap_grad_reduce
         self.distributed_optimizer = distributed_optimizer
         self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_group = ps.get_data_parallel_group()
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
         for param in reversed(self.params):  # the order backward produces gradients
             by_dtype.setdefault(param.dtype, []).append(param)
@@ -42,8 +44,8 @@ class DataParallelGrads:
         self.buckets: list[Bucket] = []
         for params in by_dtype.values():
             buffer = GradBuffer(params, bucket_size=bucket_size,
-                                dp_group=ps.get_data_parallel_group(), dp_size=self.dp_size,
-                                dp_rank=ps.get_data_parallel_rank(),
+                                dp_group=self.dp_group, dp_size=self.dp_size,
+                                dp_rank=self.dp_rank,
                                 distributed_optimizer=distributed_optimizer,
                                 first_index=len(self.buckets))
             self.buffers.append(buffer)

@@ -96,6 +96,15 @@ class Bucket:
         return _all_gather(self.param_data, self.shard(self.param_data), group=self.dp_group,
                            async_op=True)
 
+    def gather_shards(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every DP rank's `shard` (this rank's part of a bucket-shaped tensor), concatenated
+        in rank order into a new bucket-sized tensor on every rank (synchronous collective)."""
+        if self.dp_size == 1:
+            return shard.clone()
+        full = torch.empty(shard.numel() * self.dp_size, dtype=shard.dtype, device=shard.device)
+        _all_gather(full, shard.contiguous(), group=self.dp_group)
+        return full
+
     def reset(self) -> None:
         if self.work is not None:  # never zero a buffer a collective is still reading
             self.work.wait()
@@ -137,6 +146,11 @@ class GradBuffer:
                 dp_group=dp_group, dp_size=dp_size, dp_rank=dp_rank,
                 shard_grads=distributed_optimizer, pending=len(members)))
         self.bucket_start = {b.index: s for b, (s, _) in zip(self.buckets, bucket_ranges)}
+
+    def shard_start(self, bucket: Bucket) -> int:
+        """Offset in this buffer of this DP rank's shard of `bucket` (ZeRO-1)."""
+        return (self.bucket_start[bucket.index]
+                + bucket.dp_rank * (bucket.grad_data.numel() // bucket.dp_size))
 
     def local_range(self, param: torch.nn.Parameter, bucket: Bucket) -> tuple[int, int] | None:
         """The part [lo, hi) of the flattened `param` inside this DP rank's shard of its bucket

@@ -1,0 +1,209 @@
+"""Checkpoints end to end through pretrain_bloom.py with real processes: exact resume, a kill -9
+at a random moment leaves a loadable checkpoint, --exit-signal-handler saves on SIGTERM, and bad
+or mismatched checkpoints are refused with a message naming the file."""
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from megatron_ext.indexed_dataset import MMapIndexedDatasetBuilder
+from test_pretrain import corpus, launch, losses, model_args  # noqa: F401 (corpus is a fixture)
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(corpus, tmp_path_factory):
+    """About 40 samples of 32 tokens: a 10-iteration run of 8 samples walks several epochs."""
+    root = tmp_path_factory.mktemp("tiny")
+    prefix = str(root / "tiny_text_document")
+    builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.RandomState(1)
+    for _ in range(25):
+        builder.add_item(rng.randint(0, 257, size=rng.randint(20, 90)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return corpus[0], prefix
+
+
+def run_args(tiny_corpus, save, *extra, iters=8):
+    return model_args(tiny_corpus, "--num-layers", "4", "--train-iters", str(iters),
+                      "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--bf16",
+                      "--eval-interval", "3", "--eval-iters", "1", "--split", "80,20,0",
+                      "--save", str(save), "--load", str(save), *extra)
+
+
+def final_weights(save, iteration):
+    weights = {}
+    directory = os.path.join(save, f"iter_{iteration:07d}")
+    for rank in sorted(os.listdir(directory)):
+        state = torch.load(os.path.join(directory, rank, "model_optim_rng.pt"), weights_only=True)
+        weights[rank] = state
+    return weights
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def log_lines(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [re.sub(r"elapsed time per iteration \(ms\): [0-9.]+ \|", "", line)
+             for line in result.stdout.splitlines()
+             if line.startswith(" iteration ") or "validation loss at" in line]
+    return [re.sub(r"\| tokens per second.*", "", line) for line in lines]
+
+
+@pytest.mark.parametrize("nproc,layout", [
+    (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),  # DP = 2
+    (4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer",
+         "--sequence-parallel"]),  # DP = 2
+], ids=["tp2-pp2", "pp2-dp2-zero1", "tp2-dp2-zero1-sp"])
+def test_resume_is_bit_exact(tiny_corpus, tmp_path, nproc, layout):
+    """8 iterations straight == 4 + save + resume + 4: the same log lines (losses, grad norms,
+    loss scale, validation) and bitwise the same final weights, optimizer state and RNG states;
+    bf16, dropout on, several epochs of data."""
+    straight = log_lines(launch(nproc, run_args(tiny_corpus, tmp_path / "straight", *layout)))
+    first = log_lines(launch(nproc, run_args(tiny_corpus, tmp_path / "resumed", *layout,
+                                             "--exit-interval", "4")))
+    assert (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read_text() == "4"
+    second = log_lines(launch(nproc, run_args(tiny_corpus, tmp_path / "resumed", *layout)))
+    assert first + second == straight
+    assert_same_tensors(final_weights(tmp_path / "straight", 8), final_weights(tmp_path / "resumed", 8))
+
+
+def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_path):
+    """kill -9 of every process at random moments while it saves every iteration: the tracker
+    always names a complete checkpoint, and the run resumes from it to the end."""
+    save = tmp_path / "ckpt"
+    args = run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2", "--save-interval", "1",
+                    iters=40)
+    rng = random.Random(0)
+    for attempt in range(3):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args]
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 120
+        while not (save / "latest_checkpointed_iteration.txt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
+        for rank in ("mp_rank_00", "mp_rank_01"):
+            state = torch.load(save / f"iter_{iteration:07d}" / rank / "model_optim_rng.pt",
+                               weights_only=True)
+            assert state["iteration"] == iteration
+    result = launch(2, args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"loaded checkpoint" in result.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "40"
+    assert not [p for p in os.listdir(save) if p.endswith(".tmp")]
+
+
+def test_exit_signal_handler_saves_then_exits_cleanly(tiny_corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    args = run_args(tiny_corpus, save, "--exit-signal-handler", iters=2000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args, "--tensor-model-parallel-size", "2"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = ""
+    while " iteration        3/" not in out:
+        out += process.stdout.readline()
+        assert process.poll() is None, out + process.stderr.read()
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
+    for pid in workers.stdout.split():  # as a cluster scheduler does: every task gets SIGTERM
+        os.kill(int(pid), signal.SIGTERM)
+    rest, err = process.communicate(timeout=120)
+    assert process.returncode == 0, out + rest + err
+    assert "signal received, --exit-signal-handler" in rest
+    iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= iteration < 2000 and f"saved checkpoint at iteration {iteration}" in rest
+
+
+# ------------------------------------------------------------------------- bad checkpoints
+@pytest.fixture(scope="module")
+def saved(tiny_corpus, tmp_path_factory):
+    """A TP=2 checkpoint at iteration 3."""
+    save = tmp_path_factory.mktemp("saved") / "ckpt"
+    result = launch(2, run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2", iters=3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return save
+
+
+def refused(tiny_corpus, save, nproc=2, *extra):
+    result = launch(nproc, run_args(tiny_corpus, save, "--tensor-model-parallel-size", str(nproc),
+                                    *extra, iters=5), timeout=120)
+    assert result.returncode != 0
+    return result.stderr
+
+
+def copy_of(saved, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved, target)
+    return target
+
+
+def test_truncated_file_is_named(tiny_corpus, saved, tmp_path):
+    save = copy_of(saved, tmp_path)
+    path = save / "iter_0000003" / "mp_rank_01" / "model_optim_rng.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert f"{path}: cannot be read as a checkpoint" in refused(tiny_corpus, save)
+
+
+def test_missing_rank_directory_is_named(tiny_corpus, saved, tmp_path):
+    save = copy_of(saved, tmp_path)
+    shutil.rmtree(save / "iter_0000003" / "mp_rank_01")
+    message = refused(tiny_corpus, save)
+    assert "mp_rank_01/model_optim_rng.pt is missing" in message and "mp_rank_00" in message
+
+
+def test_tracker_naming_a_missing_iteration(tiny_corpus, saved, tmp_path):
+    save = copy_of(saved, tmp_path)
+    (save / "latest_checkpointed_iteration.txt").write_text("7")
+    assert "names iteration 7, but" in refused(tiny_corpus, save)
+
+
+def test_other_tensor_parallel_size_points_at_convert_tp(tiny_corpus, saved, tmp_path):
+    message = refused(tiny_corpus, copy_of(saved, tmp_path), 1)
+    assert "--tensor-model-parallel-size: checkpoint 2, this run 1" in message
+    assert "tools/convert_tp.py" in message
+
+
+def test_other_model_shape_is_named(tiny_corpus, saved, tmp_path):
+    save = copy_of(saved, tmp_path)
+    message = refused(tiny_corpus, save, 2, "--hidden-size", "128")
+    assert "--hidden-size: checkpoint 64, this run 128" in message
+
+
+def test_use_checkpoint_args_takes_the_model_shape(tiny_corpus, saved, tmp_path):
+    save = copy_of(saved, tmp_path)
+    result = launch(2, run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2",
+                                "--hidden-size", "128", "--use-checkpoint-args", iters=3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded checkpoint" in result.stdout
