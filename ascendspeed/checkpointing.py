@@ -91,7 +91,7 @@ def read_tracker(root: str) -> int | str | None:
                               f"{text[:40]!r}") from None
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
@@ -250,7 +250,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         if os.path.isdir(final):  # saving the same iteration again: replace it
             shutil.rmtree(final)
         os.replace(staging, final)
-        _write_atomically(os.path.join(root, TRACKER_FILENAME), str(iteration))
+        write_atomically(os.path.join(root, TRACKER_FILENAME), str(iteration))
     _barrier()
     return final
 

@@ -1,0 +1,411 @@
+"""Reshard a checkpoint (ascendspeed.checkpointing's layout) to another tensor- and pipeline-
+parallel size, model and optimizer state alike, so that training resumes at the new layout.
+
+The source's TP shards are merged per pipeline stage (split tensors concatenated on their split
+dim, replicated ones checked equal across TP ranks), chunk-local layer indices are mapped to the
+global 1-based layer numbers (`stage_layout`), and the merged state is re-split for the target:
+
+- split on dim 0: word_embeddings.weight (vocab rows), query_key_value.{weight,bias} and
+  dense_h_to_4h.{weight,bias} (column-parallel); on dim 1: self_attention.dense.weight and
+  dense_4h_to_h.weight (row-parallel); everything else (LayerNorms, row-parallel biases) is
+  replicated;
+- the padded vocabulary is recomputed for the target TP (`vocab_size_with_padding`): embedding
+  rows (and their optimizer moments and masters) are cut or zero-padded;
+- the optimizer state (layout independent, by `parameter_names()` names "chunk{i}.{name}") is
+  renamed to the target's chunk-local names, its tensors split like the parameters;
+- the target has one model chunk per stage (a virtual pipeline is dropped); the pipeline
+  partition is even unless the source used --pp-partition-method, which is kept;
+- RNG states are dropped (per rank, they cannot be resharded; the loader then keeps its seeds).
+
+Memory: one source pipeline stage's TP files at a time are merged into the full model state; the
+target files are then cut from it one at a time (each written and freed before the next).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from ascendspeed.arguments import ConfigError
+from ascendspeed.checkpointing import (TRACKER_FILENAME, write_atomically, iteration_dir_name,
+                                       rank_file, read_tracker)
+from ascendspeed.core.pipeline_parallel.partition import (PipelinePartitionError, stage_layout,
+                                                          validate_pipeline)
+from ascendspeed.data.tokenizer import vocab_size_with_padding
+
+RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state", "device_rng_state",
+            "rng_tracker_states")
+# Suffixes of chunk-local parameter names -> the dim tensor parallelism splits them on.
+SPLIT_DIMS = (("word_embeddings.weight", 0),
+              ("self_attention.query_key_value.weight", 0),
+              ("self_attention.query_key_value.bias", 0),
+              ("mlp.dense_h_to_4h.weight", 0), ("mlp.dense_h_to_4h.bias", 0),
+              ("self_attention.dense.weight", 1), ("mlp.dense_4h_to_h.weight", 1))
+EMBED = "embed.word_embeddings.weight"  # the first stage's copy (the model's only, PP = 1)
+HEAD = "head.word_embeddings.weight"    # the last stage's copy for the tied head (PP > 1)
+
+
+class ReshardError(RuntimeError):
+    """A checkpoint that cannot be resharded as asked; the message names the file or number."""
+
+
+def split_dim(name: str) -> int | None:
+    for suffix, dim in SPLIT_DIMS:
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    return None
+
+
+@dataclass
+class Chunk:
+    layers: tuple[int, ...]
+    pre_process: bool
+    post_process: bool
+
+
+def _layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
+    num_layers = args["num_layers"]
+    per_virtual = num_layers // (pp * chunks) if chunks > 1 else None
+    layout = stage_layout(num_layers, pp, pp_rank, per_virtual,
+                          None if chunks > 1 else args.get("pp_partition_method"),
+                          half_precision=args.get("params_dtype", "float32") != "float32")
+    last = len(layout.chunks) - 1
+    return [Chunk(tuple(layers), layout.pre_process and i == 0, layout.post_process and i == last)
+            for i, layers in enumerate(layout.chunks)]
+
+
+# ------------------------------------------------------------------ chunk-local <-> global names
+def _flatten(nested: dict, where: str) -> dict[str, torch.Tensor]:
+    """Megatron-nested model state -> {chunk-local parameter name: tensor}."""
+    flat = {}
+    language_model = nested.get("language_model", {})
+    embedding = language_model.get("embedding", {}).get("word_embeddings", {})
+    for key, tensor in embedding.items():
+        flat["word_embeddings.weight" if key == "weight"
+             else "embedding_layernorm." + key.split(".", 1)[1]] = tensor
+    for key, tensor in language_model.get("encoder", {}).items():
+        flat[key] = tensor
+    if "word_embeddings_for_head" in nested:
+        if "word_embeddings.weight" in flat:
+            raise ReshardError(f"{where}: both an embedding and word_embeddings_for_head")
+        flat["word_embeddings.weight"] = nested["word_embeddings_for_head"]["weight"]
+    return flat
+
+
+def _to_global(local: str, chunk: Chunk) -> str:
+    if local == "word_embeddings.weight":
+        return EMBED if chunk.pre_process else HEAD
+    if local.startswith("embedding_layernorm."):
+        return "embed." + local
+    if local.startswith("layers."):
+        _, index, rest = local.split(".", 2)
+        return f"layers.{chunk.layers[int(index)]}.{rest}"
+    return local  # final_layernorm.*
+
+
+def _target_names(chunk: Chunk, merged_keys) -> list[tuple[str, str]]:
+    """(chunk-local name, global key) of every parameter of a target chunk, in model order."""
+    names = []
+    if chunk.pre_process or chunk.post_process:
+        names.append(("word_embeddings.weight", EMBED if chunk.pre_process else HEAD))
+    if chunk.pre_process:
+        names += [(k[len("embed."):], k) for k in merged_keys
+                  if k.startswith("embed.embedding_layernorm.")]
+    for i, number in enumerate(chunk.layers):
+        prefix = f"layers.{number}."
+        names += [(f"layers.{i}.{k[len(prefix):]}", k) for k in merged_keys if k.startswith(prefix)]
+    if chunk.post_process:
+        names += [(k, k) for k in merged_keys if k.startswith("final_layernorm.")]
+    return names
+
+
+def _nest(flat: list[tuple[str, torch.Tensor]], pre_process: bool) -> dict:
+    """{chunk-local name: tensor} -> Megatron's nesting (checkpointing._megatron_key)."""
+    nested: dict = {}
+    for name, tensor in flat:
+        if name == "word_embeddings.weight":
+            path = (("language_model", "embedding", "word_embeddings", "weight") if pre_process
+                    else ("word_embeddings_for_head", "weight"))
+        elif name.startswith("embedding_layernorm."):
+            path = ("language_model", "embedding", "word_embeddings",
+                    "norm." + name.split(".", 1)[1])
+        else:
+            path = ("language_model", "encoder", name)
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tensor
+    return nested
+
+
+# ------------------------------------------------------------------------------------ merging
+def _merge(name: str, shards: list[torch.Tensor], where: str, warn) -> torch.Tensor:
+    dim = split_dim(name)
+    if dim is not None:
+        return torch.cat(shards, dim=dim) if len(shards) > 1 else shards[0]
+    first = shards[0]
+    for rank, other in enumerate(shards[1:], start=1):
+        if other.shape != first.shape:
+            raise ReshardError(f"{where}: replicated tensor {name} has shape {tuple(first.shape)} "
+                               f"on TP rank 0 but {tuple(other.shape)} on TP rank {rank}")
+        if not torch.equal(other, first):
+            diff = (other.double() - first.double()).abs().max().item()
+            warn(f"WARNING: {where}: replicated tensor {name} differs between TP rank 0 and TP "
+                 f"rank {rank} (max abs difference {diff:.3g}); taking TP rank 0's")
+    return first
+
+
+def _resize_vocab(tensor: torch.Tensor, rows: int, original: int, where: str) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    if rows < original:
+        raise ReshardError(f"{where}: the target padded vocabulary {rows} is smaller than the "
+                           f"original vocabulary {original}")
+    if rows < tensor.shape[0]:
+        return tensor[:rows].clone()
+    pad = torch.zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=0)
+
+
+def _shard(tensor: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    dim = split_dim(name)
+    if dim is None or tp == 1:
+        return tensor.clone()  # a copy: torch.save would write a view's whole storage
+    return tensor.chunk(tp, dim=dim)[tp_rank].clone()
+
+
+# -------------------------------------------------------------------------------------- reshard
+def _check_divisible(args: dict, tp: int) -> None:
+    for key, flag in (("num_attention_heads", "--num-attention-heads"),
+                      ("hidden_size", "--hidden-size"), ("ffn_hidden_size", "--ffn-hidden-size")):
+        value = args.get(key)
+        if value is not None and value % tp:
+            raise ReshardError(f"{flag} {value} (from the checkpoint's args) is not divisible by "
+                               f"the target tensor-parallel size {tp}")
+
+
+def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: int = 1,
+            iteration: int | str | None = None, make_vocab_size_divisible_by: int = 128,
+            pad_vocab_size_to: int | None = None, log=print) -> str:
+    """Write `input_folder`'s checkpoint (the tracker's, or `iteration`) resharded to
+    TP=`target_tp`, PP=`target_pp` under `output_folder`; returns the written iteration dir."""
+    if target_tp < 1 or target_pp < 1:
+        raise ReshardError(f"target sizes must be >= 1 (TP {target_tp}, PP {target_pp})")
+    if os.path.abspath(input_folder) == os.path.abspath(output_folder):
+        raise ReshardError(f"--output-folder must differ from --input-folder ({input_folder})")
+    if iteration is None:
+        iteration = read_tracker(input_folder)
+        if iteration is None:
+            raise ReshardError(f"{os.path.join(input_folder, TRACKER_FILENAME)} does not exist "
+                               f"(no checkpoint; give --iteration to pick one)")
+    source_dir = os.path.join(input_folder, iteration_dir_name(iteration))
+    if not os.path.isdir(source_dir):
+        raise ReshardError(f"{source_dir} does not exist (iteration {iteration})")
+
+    # Source layout, from any rank file's args.
+    first_file = None
+    for name in sorted(os.listdir(source_dir)):
+        candidate = os.path.join(source_dir, name, "model_optim_rng.pt")
+        if name.startswith("mp_rank_") and os.path.isfile(candidate):
+            first_file = candidate
+            break
+    if first_file is None:
+        raise ReshardError(f"{source_dir}: no mp_rank_*/model_optim_rng.pt files")
+    header = _read(first_file)
+    args = dict(header.get("args") or {})
+    for key in ("num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if key not in args:
+            raise ReshardError(f"{first_file}: 'args' lacks {key!r}")
+    source_tp, source_pp = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]
+    chunks = int(args.get("virtual_pipeline_chunks", 1) or 1)
+    info = dict(header.get("checkpoint_info") or {})
+    source_padded = info.get("padded_vocab_size", args.get("padded_vocab_size"))
+    original_vocab = info.get("original_vocab_size")
+    if original_vocab is None:
+        raise ReshardError(f"{first_file}: checkpoint_info lacks original_vocab_size")
+    files = {(t, p): rank_file(source_dir, t, p, source_pp)
+             for p in range(source_pp) for t in range(source_tp)}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise ReshardError(f"{path} is missing (the checkpoint's args say TP={source_tp}, "
+                               f"PP={source_pp})")
+
+    # Target checks, before any work.
+    _check_divisible(args, target_tp)
+    try:
+        target_padded = vocab_size_with_padding(original_vocab, make_vocab_size_divisible_by,
+                                                target_tp, pad_vocab_size_to)
+    except ConfigError as error:
+        raise ReshardError(str(error)) from None
+    if target_padded < original_vocab:
+        raise ReshardError(f"target padded vocabulary {target_padded} < original {original_vocab}")
+    method = args.get("pp_partition_method")
+    try:
+        validate_pipeline(args["num_layers"], target_pp, None, method,
+                          half_precision=args.get("params_dtype", "float32") != "float32")
+    except PipelinePartitionError as error:
+        raise ReshardError(f"cannot split the checkpoint's {args['num_layers']} layers on target "
+                           f"PP={target_pp}: {error}") from None
+    if chunks > 1:
+        log(f"note: the source has a virtual pipeline ({chunks} chunks per stage); the target is "
+            f"written with 1 chunk per stage (run it without "
+            f"--num-layers-per-virtual-pipeline-stage)")
+    log(f"resharding {source_dir} (TP={source_tp}, PP={source_pp}, padded vocab "
+        f"{source_padded}) -> TP={target_tp}, PP={target_pp}, padded vocab {target_padded} "
+        f"(original {original_vocab})")
+
+    # Merge: one source stage (its TP files) at a time.
+    merged: dict[str, torch.Tensor] = {}
+    opt_merged: dict[str, dict] = {}   # global key -> {exp_avg: full, ..., step: float}
+    groups_of: dict[str, int] = {}      # global key -> index of its source param group
+    common: dict | None = None
+    for p in range(source_pp):
+        layout = _layout(args, source_pp, p, chunks)
+        states = []
+        for t in range(source_tp):
+            states.append(_read(files[(t, p)]))
+        if common is None:
+            common = {k: v for k, v in states[0].items()
+                      if not k.startswith("model") and k not in RNG_KEYS}
+            optimizer = common.get("optimizer")
+            if optimizer is not None:
+                common["optimizer"] = {k: v for k, v in optimizer.items() if k != "state"}
+        where = os.path.join(source_dir, os.path.basename(os.path.dirname(files[(0, p)])))
+        for c, chunk in enumerate(layout):
+            key = "model" if len(layout) == 1 else f"model{c}"
+            flats = []
+            for t, state in enumerate(states):
+                if key not in state:
+                    raise ReshardError(f"{files[(t, p)]}: no {key!r} entry")
+                flats.append(_flatten(state.pop(key), files[(t, p)]))
+            for local in list(flats[0]):
+                shards = []
+                for t, flat in enumerate(flats):
+                    if local not in flat:
+                        raise ReshardError(f"{files[(t, p)]}: no {local} (TP rank 0 has it)")
+                    shards.append(flat.pop(local))
+                merged[_to_global(local, chunk)] = _merge(local, shards, f"{where} chunk {c}",
+                                                          log)
+            # optimizer state of this chunk
+            if all("optimizer" in s for s in states):
+                opt_states = [s["optimizer"]["state"] for s in states]
+                prefix = f"chunk{c}."
+                for local in [n[len(prefix):] for n in opt_states[0] if n.startswith(prefix)]:
+                    entries = [o.pop(prefix + local, None) for o in opt_states]
+                    if any(e is None for e in entries):
+                        raise ReshardError(f"{where}: optimizer state of {prefix + local} is "
+                                           f"missing on some TP rank")
+                    entry = {}
+                    for k, value in entries[0].items():
+                        if torch.is_tensor(value) and value.dim() > 0:
+                            entry[k] = _merge(local, [e[k] for e in entries],
+                                              f"{where} optimizer {k}", log)
+                        else:
+                            entry[k] = value
+                    opt_merged[_to_global(local, chunk)] = entry
+                for index, group in enumerate(states[0]["optimizer"]["param_groups"]):
+                    for n in group["params"]:
+                        if n.startswith(prefix):
+                            groups_of[_to_global(n[len(prefix):], chunk)] = index
+        del states
+    assert common is not None
+
+    # The head's copy of the embedding (PP > 1) is the embedding itself once merged.
+    if HEAD in merged:
+        if EMBED in merged and not torch.equal(merged[HEAD], merged[EMBED]):
+            diff = (merged[HEAD].double() - merged[EMBED].double()).abs().max().item()
+            log(f"WARNING: the last stage's copy of the word embeddings differs from the first "
+                f"stage's (max abs difference {diff:.3g}); the first stage's is kept")
+        embed_missing = EMBED not in merged
+        merged[EMBED] = merged[EMBED] if not embed_missing else merged[HEAD]
+        del merged[HEAD]
+        if HEAD in opt_merged:
+            opt_merged.setdefault(EMBED, opt_merged[HEAD])
+            del opt_merged[HEAD]
+        if HEAD in groups_of:
+            groups_of.setdefault(EMBED, groups_of.pop(HEAD))
+    if EMBED not in merged:
+        raise ReshardError(f"{source_dir}: no word embeddings in any rank file")
+    merged[EMBED] = _resize_vocab(merged[EMBED], target_padded, original_vocab, source_dir)
+    if EMBED in opt_merged:
+        opt_merged[EMBED] = {k: (_resize_vocab(v, target_padded, original_vocab, source_dir)
+                                 if torch.is_tensor(v) and v.dim() > 0 else v)
+                             for k, v in opt_merged[EMBED].items()}
+    for name, tensor in merged.items():
+        dim = split_dim(name)
+        if dim is not None and tensor.shape[dim] % target_tp:
+            raise ReshardError(f"{name} has {tensor.shape[dim]} rows/columns on its split dim "
+                               f"{dim}, not divisible by the target TP {target_tp}")
+
+    # Write the target, one rank file at a time, into iter_N.tmp.
+    final = os.path.join(output_folder, iteration_dir_name(iteration))
+    staging = final + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    new_args = dict(args, tensor_model_parallel_size=target_tp,
+                    pipeline_model_parallel_size=target_pp, padded_vocab_size=target_padded,
+                    virtual_pipeline_chunks=1)
+    new_info = dict(info, padded_vocab_size=target_padded, original_vocab_size=original_vocab)
+    source_groups = (common.get("optimizer") or {}).get("param_groups", [])
+    for p in range(target_pp):
+        (chunk,) = _layout(new_args, target_pp, p, 1)
+        names = _target_names(chunk, merged)
+        for t in range(target_tp):
+            state = {k: v for k, v in common.items() if k != "optimizer"}
+            state["args"] = new_args
+            state["checkpoint_info"] = new_info
+            key_of = {local: (EMBED if key == HEAD else key) for local, key in names}
+            state["model"] = _nest([(local, _shard(merged[key_of[local]], local, target_tp, t))
+                                    for local, _ in names], chunk.pre_process)
+            if "optimizer" in common:
+                opt_state = {}
+                for local, _ in names:
+                    entry = opt_merged.get(key_of[local])
+                    if entry is None:
+                        continue
+                    opt_state["chunk0." + local] = {
+                        k: (_shard(v, local, target_tp, t) if torch.is_tensor(v) and v.dim() > 0
+                            else v) for k, v in entry.items()}
+                groups = []
+                for index, group in enumerate(source_groups):
+                    params = [f"chunk0.{local}" for local, _ in names
+                              if groups_of.get(key_of[local]) == index]
+                    if params:
+                        groups.append(dict({k: v for k, v in group.items() if k != "params"},
+                                           params=params))
+                grouped = {n for g in groups for n in g["params"]}
+                lost = [f"chunk0.{local}" for local, _ in names
+                        if f"chunk0.{local}" not in grouped]
+                if lost:
+                    raise ReshardError(f"{source_dir}: the optimizer's param_groups do not name "
+                                       f"the parameters {lost[:3]}")
+                state["optimizer"] = dict(common["optimizer"], param_groups=groups,
+                                          state=opt_state)
+            path = rank_file(staging, t, p, target_pp)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            log(f"wrote {rank_file(final, t, p, target_pp)} (layers {chunk.layers[0]}-"
+                f"{chunk.layers[-1]}{', embedding' if chunk.pre_process else ''}"
+                f"{', head' if chunk.post_process else ''})")
+            del state
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    write_atomically(os.path.join(output_folder, TRACKER_FILENAME), str(iteration))
+    log(f"done: {final} (tracker {os.path.join(output_folder, TRACKER_FILENAME)} -> {iteration}); "
+        f"RNG states were dropped (a resumed run keeps its seeded RNG)")
+    return final
+
+
+def _read(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ReshardError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+    if not isinstance(state, dict) or not any(k.startswith("model") for k in state):
+        raise ReshardError(f"{path}: not a model checkpoint (no 'model' entry)")
+    return state
