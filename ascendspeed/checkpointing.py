@@ -120,7 +120,7 @@ def model_state_dict(chunk) -> dict:
         node = nested
         for key in path:
             node = node.setdefault(key, {})
-        node[leaf] = tensor.detach().clone()
+        node[leaf] = tensor.detach().clone()  # under ZeRO-1 a view of one flat buffer: save just it
     return nested
 
 
@@ -265,9 +265,7 @@ def _saved_layout(directory: str) -> str:
 def read_checkpoint_file(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # truncated, corrupt, or holding pickled code
+    except Exception as error:  # missing, truncated, corrupt, or holding pickled code
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200]})") from error
     if not isinstance(state, dict) or not any(k.startswith("model") for k in state):

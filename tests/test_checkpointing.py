@@ -90,7 +90,18 @@ def test_resume_is_bit_exact(tiny_corpus, tmp_path, nproc, layout):
     assert (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read_text() == "4"
     second = log_lines(launch(nproc, run_args(tiny_corpus, tmp_path / "resumed", *layout)))
     assert first + second == straight
-    assert_same_tensors(final_weights(tmp_path / "straight", 8), final_weights(tmp_path / "resumed", 8))
+    resumed = final_weights(tmp_path / "resumed", 8)
+    assert_same_tensors(final_weights(tmp_path / "straight", 8), resumed)
+    if "--pipeline-model-parallel-size" in layout:  # Megatron's names for PP > 1
+        assert set(resumed) == {"mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001",
+                                "mp_rank_01_001"}
+        first_stage, last_stage = resumed["mp_rank_00_000"]["model"], resumed["mp_rank_00_001"]["model"]
+        assert "word_embeddings" in first_stage["language_model"]["embedding"]
+        assert "word_embeddings_for_head" not in first_stage
+        assert set(last_stage["word_embeddings_for_head"]) == {"weight"}
+        assert "language_model.encoder.layers.0.input_layernorm.weight" not in last_stage
+        assert {"layers.0.input_layernorm.weight", "layers.1.mlp.dense_4h_to_h.bias",
+                "final_layernorm.weight"} <= set(last_stage["language_model"]["encoder"])
 
 
 def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_path):
@@ -161,6 +172,26 @@ def refused(tiny_corpus, save, nproc=2, *extra):
                                     *extra, iters=5), timeout=120)
     assert result.returncode != 0
     return result.stderr
+
+
+def test_megatron_layout_and_plain_data(saved):
+    """Megatron-LM's names and nesting (tracker, iter_N/mp_rank_TT, language_model.embedding /
+    encoder with stage-local layers), and nothing in the file that weights_only cannot load."""
+    assert (saved / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert sorted(os.listdir(saved / "iter_0000003")) == ["mp_rank_00", "mp_rank_01"]
+    state = torch.load(saved / "iter_0000003" / "mp_rank_01" / "model_optim_rng.pt",
+                       weights_only=True)
+    assert state["checkpoint_version"] == 3.0 and state["iteration"] == 3
+    assert state["checkpoint_info"] == {"padded_vocab_size": 512, "original_vocab_size": 257}
+    embedding = state["model"]["language_model"]["embedding"]["word_embeddings"]
+    assert set(embedding) == {"weight", "norm.weight", "norm.bias"}
+    assert embedding["weight"].shape == (256, 64)  # this TP rank's half of the padded vocab
+    encoder = state["model"]["language_model"]["encoder"]
+    assert encoder["layers.3.self_attention.query_key_value.weight"].shape == (96, 64)
+    assert {"final_layernorm.weight", "final_layernorm.bias"} <= set(encoder)
+    assert state["args"]["tensor_model_parallel_size"] == 2
+    for key in ("optimizer", "opt_param_scheduler", "torch_rng_state", "rng_tracker_states"):
+        assert key in state, key
 
 
 def copy_of(saved, tmp_path):
