@@ -109,21 +109,27 @@ def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_pa
     always names a complete checkpoint, and the run resumes from it to the end."""
     save = tmp_path / "ckpt"
     args = run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2", "--save-interval", "1",
-                    iters=40)
+                    iters=30)
+    tracker = save / "latest_checkpointed_iteration.txt"
     rng = random.Random(0)
     for attempt in range(3):
+        before = tracker.read_text() if tracker.exists() else None
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node=2", os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args]
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-        deadline = time.time() + 120
-        while not (save / "latest_checkpointed_iteration.txt").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
+        with open(tmp_path / f"attempt{attempt}.log", "w") as output:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=output,
+                                       start_new_session=True,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+            # Kill while it saves: once this attempt has saved at least once (slow under load).
+            deadline = time.time() + 300
+            while (not tracker.exists() or tracker.read_text() == before) \
+                    and process.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert tracker.exists(), (tmp_path / f"attempt{attempt}.log").read_text()[-3000:]
+        iteration = int(tracker.read_text())
         for rank in ("mp_rank_00", "mp_rank_01"):
             state = torch.load(save / f"iter_{iteration:07d}" / rank / "model_optim_rng.pt",
                                weights_only=True)
@@ -131,7 +137,7 @@ def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_pa
     result = launch(2, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"loaded checkpoint" in result.stdout
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == "40"
+    assert tracker.read_text() == "30"
     assert not [p for p in os.listdir(save) if p.endswith(".tmp")]
 
 

@@ -102,15 +102,30 @@ def test_two_process_layouts_reproduce_tp1(corpus, reference, layout):
      "--sequence-parallel: --seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
     (1, ["--fp16", "--bf16"], "--fp16 and --bf16"),
 ])
-def test_bad_configuration_is_refused_clearly(corpus, nproc, extra, message):
-    result = launch(nproc, model_args(corpus, *extra), timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_bad_configuration_is_refused_clearly(corpus, nproc, extra, message, monkeypatch, capsys):
+    """Refused by pretrain_bloom.main before any process group (so in this process, as rank 0 of
+    `nproc`): exit status 2 and the message on stderr."""
+    from ascendspeed import training
+    from pretrain_bloom import main
+
+    monkeypatch.setenv("WORLD_SIZE", str(nproc))
+    monkeypatch.setattr(training, "pretrain", lambda *a, **k: pytest.fail("config accepted"))
+    assert main(model_args(corpus, *extra)) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_unknown_flag(corpus):
-    result = launch(1, model_args(corpus, "--no-such-flag"), timeout=120)
-    assert result.returncode != 0 and "unrecognized arguments: --no-such-flag" in result.stderr
+def test_bad_configuration_exits_non_zero_under_torchrun(corpus):
+    result = launch(2, model_args(corpus, "--tensor-model-parallel-size", "3"), timeout=120)
+    assert result.returncode != 0 and "world size 2 is not divisible" in result.stderr
+
+
+def test_unknown_flag(corpus, capsys):
+    from pretrain_bloom import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(model_args(corpus, "--no-such-flag"))
+    assert exit_status.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_exit_interval_stops_the_run(corpus):
