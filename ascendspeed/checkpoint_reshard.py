@@ -19,6 +19,9 @@ global 1-based layer numbers (`stage_layout`), and the merged state is re-split 
 
 Memory: one source pipeline stage's TP files at a time are merged into the full model state; the
 target files are then cut from it one at a time (each written and freed before the next).
+
+The reading, merging and naming helpers (open_checkpoint, merge_stage_model, flatten_model /
+nest_model, to_global / target_names, split_dim) are shared with checkpoint_convert.py.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ class Chunk:
     post_process: bool
 
 
-def _layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
+def chunk_layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
     num_layers = args["num_layers"]
     per_virtual = num_layers // (pp * chunks) if chunks > 1 else None
     layout = stage_layout(num_layers, pp, pp_rank, per_virtual,
@@ -77,7 +80,7 @@ def _layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
 
 
 # ------------------------------------------------------------------ chunk-local <-> global names
-def _flatten(nested: dict, where: str) -> dict[str, torch.Tensor]:
+def flatten_model(nested: dict, where: str) -> dict[str, torch.Tensor]:
     """Megatron-nested model state -> {chunk-local parameter name: tensor}."""
     flat = {}
     language_model = nested.get("language_model", {})
@@ -94,7 +97,7 @@ def _flatten(nested: dict, where: str) -> dict[str, torch.Tensor]:
     return flat
 
 
-def _to_global(local: str, chunk: Chunk) -> str:
+def to_global(local: str, chunk: Chunk) -> str:
     if local == "word_embeddings.weight":
         return EMBED if chunk.pre_process else HEAD
     if local.startswith("embedding_layernorm."):
@@ -105,7 +108,7 @@ def _to_global(local: str, chunk: Chunk) -> str:
     return local  # final_layernorm.*
 
 
-def _target_names(chunk: Chunk, merged_keys) -> list[tuple[str, str]]:
+def target_names(chunk: Chunk, merged_keys) -> list[tuple[str, str]]:
     """(chunk-local name, global key) of every parameter of a target chunk, in model order."""
     names = []
     if chunk.pre_process or chunk.post_process:
@@ -121,7 +124,7 @@ def _target_names(chunk: Chunk, merged_keys) -> list[tuple[str, str]]:
     return names
 
 
-def _nest(flat: list[tuple[str, torch.Tensor]], pre_process: bool) -> dict:
+def nest_model(flat: list[tuple[str, torch.Tensor]], pre_process: bool) -> dict:
     """{chunk-local name: tensor} -> Megatron's nesting (checkpointing._megatron_key)."""
     nested: dict = {}
     for name, tensor in flat:
@@ -141,7 +144,7 @@ def _nest(flat: list[tuple[str, torch.Tensor]], pre_process: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------ merging
-def _merge(name: str, shards: list[torch.Tensor], where: str, warn) -> torch.Tensor:
+def merge_tensor(name: str, shards: list[torch.Tensor], where: str, warn) -> torch.Tensor:
     dim = split_dim(name)
     if dim is not None:
         return torch.cat(shards, dim=dim) if len(shards) > 1 else shards[0]
@@ -169,15 +172,98 @@ def _resize_vocab(tensor: torch.Tensor, rows: int, original: int, where: str) ->
     return torch.cat([tensor, pad], dim=0)
 
 
-def _shard(tensor: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+def shard_tensor(tensor: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
     dim = split_dim(name)
     if dim is None or tp == 1:
         return tensor.clone()  # a copy: torch.save would write a view's whole storage
     return tensor.chunk(tp, dim=dim)[tp_rank].clone()
 
 
+# ------------------------------------------------------------------------------ the source
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint to read: its iteration dir, `args`, `checkpoint_info` and rank files."""
+    iteration: int | str
+    directory: str
+    args: dict
+    info: dict
+    files: dict[tuple[int, int], str]  # (tp rank, pp rank) -> model_optim_rng.pt
+
+    @property
+    def tp(self) -> int:
+        return self.args["tensor_model_parallel_size"]
+
+    @property
+    def pp(self) -> int:
+        return self.args["pipeline_model_parallel_size"]
+
+    @property
+    def chunks(self) -> int:
+        return int(self.args.get("virtual_pipeline_chunks", 1) or 1)
+
+
+def open_checkpoint(input_folder: str, iteration: int | str | None = None) -> SourceCheckpoint:
+    """The checkpoint the tracker under `input_folder` names (or `iteration`), its layout read
+    from one rank file's args and every rank file checked present."""
+    if iteration is None:
+        iteration = read_tracker(input_folder)
+        if iteration is None:
+            raise ReshardError(f"{os.path.join(input_folder, TRACKER_FILENAME)} does not exist "
+                               f"(no checkpoint; give --iteration to pick one)")
+    source_dir = os.path.join(input_folder, iteration_dir_name(iteration))
+    if not os.path.isdir(source_dir):
+        raise ReshardError(f"{source_dir} does not exist (iteration {iteration})")
+    first_file = None
+    for name in sorted(os.listdir(source_dir)):
+        candidate = os.path.join(source_dir, name, "model_optim_rng.pt")
+        if name.startswith("mp_rank_") and os.path.isfile(candidate):
+            first_file = candidate
+            break
+    if first_file is None:
+        raise ReshardError(f"{source_dir}: no mp_rank_*/model_optim_rng.pt files")
+    header = read_rank_file(first_file)
+    args = dict(header.get("args") or {})
+    for key in ("num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if key not in args:
+            raise ReshardError(f"{first_file}: 'args' lacks {key!r}")
+    info = dict(header.get("checkpoint_info") or {})
+    if info.get("original_vocab_size") is None:
+        raise ReshardError(f"{first_file}: checkpoint_info lacks original_vocab_size")
+    del header
+    source = SourceCheckpoint(iteration, source_dir, args, info, {})
+    source.files = {(t, p): rank_file(source_dir, t, p, source.pp)
+                    for p in range(source.pp) for t in range(source.tp)}
+    for path in source.files.values():
+        if not os.path.isfile(path):
+            raise ReshardError(f"{path} is missing (the checkpoint's args say TP={source.tp}, "
+                               f"PP={source.pp})")
+    return source
+
+
+def merge_stage_model(layout: list[Chunk], states: list[dict], paths: list[str], where: str,
+                      log) -> dict[str, torch.Tensor]:
+    """One pipeline stage's TP rank states (their model entries are popped) -> {global key:
+    merged tensor}: split tensors concatenated, replicated ones checked equal (rank 0's kept)."""
+    merged = {}
+    for c, chunk in enumerate(layout):
+        key = "model" if len(layout) == 1 else f"model{c}"
+        flats = []
+        for state, path in zip(states, paths):
+            if key not in state:
+                raise ReshardError(f"{path}: no {key!r} entry")
+            flats.append(flatten_model(state.pop(key), path))
+        for local in list(flats[0]):
+            shards = []
+            for flat, path in zip(flats, paths):
+                if local not in flat:
+                    raise ReshardError(f"{path}: no {local} (TP rank 0 has it)")
+                shards.append(flat.pop(local))
+            merged[to_global(local, chunk)] = merge_tensor(local, shards, f"{where} chunk {c}", log)
+    return merged
+
+
 # -------------------------------------------------------------------------------------- reshard
-def _check_divisible(args: dict, tp: int) -> None:
+def check_divisible(args: dict, tp: int) -> None:
     for key, flag in (("num_attention_heads", "--num-attention-heads"),
                       ("hidden_size", "--hidden-size"), ("ffn_hidden_size", "--ffn-hidden-size")):
         value = args.get(key)
@@ -195,45 +281,15 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
         raise ReshardError(f"target sizes must be >= 1 (TP {target_tp}, PP {target_pp})")
     if os.path.abspath(input_folder) == os.path.abspath(output_folder):
         raise ReshardError(f"--output-folder must differ from --input-folder ({input_folder})")
-    if iteration is None:
-        iteration = read_tracker(input_folder)
-        if iteration is None:
-            raise ReshardError(f"{os.path.join(input_folder, TRACKER_FILENAME)} does not exist "
-                               f"(no checkpoint; give --iteration to pick one)")
-    source_dir = os.path.join(input_folder, iteration_dir_name(iteration))
-    if not os.path.isdir(source_dir):
-        raise ReshardError(f"{source_dir} does not exist (iteration {iteration})")
-
-    # Source layout, from any rank file's args.
-    first_file = None
-    for name in sorted(os.listdir(source_dir)):
-        candidate = os.path.join(source_dir, name, "model_optim_rng.pt")
-        if name.startswith("mp_rank_") and os.path.isfile(candidate):
-            first_file = candidate
-            break
-    if first_file is None:
-        raise ReshardError(f"{source_dir}: no mp_rank_*/model_optim_rng.pt files")
-    header = _read(first_file)
-    args = dict(header.get("args") or {})
-    for key in ("num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if key not in args:
-            raise ReshardError(f"{first_file}: 'args' lacks {key!r}")
-    source_tp, source_pp = args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]
-    chunks = int(args.get("virtual_pipeline_chunks", 1) or 1)
-    info = dict(header.get("checkpoint_info") or {})
+    source = open_checkpoint(input_folder, iteration)
+    iteration, source_dir, args, info, files = (source.iteration, source.directory, source.args,
+                                                source.info, source.files)
+    source_tp, source_pp, chunks = source.tp, source.pp, source.chunks
     source_padded = info.get("padded_vocab_size", args.get("padded_vocab_size"))
-    original_vocab = info.get("original_vocab_size")
-    if original_vocab is None:
-        raise ReshardError(f"{first_file}: checkpoint_info lacks original_vocab_size")
-    files = {(t, p): rank_file(source_dir, t, p, source_pp)
-             for p in range(source_pp) for t in range(source_tp)}
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise ReshardError(f"{path} is missing (the checkpoint's args say TP={source_tp}, "
-                               f"PP={source_pp})")
+    original_vocab = info["original_vocab_size"]
 
     # Target checks, before any work.
-    _check_divisible(args, target_tp)
+    check_divisible(args, target_tp)
     try:
         target_padded = vocab_size_with_padding(original_vocab, make_vocab_size_divisible_by,
                                                 target_tp, pad_vocab_size_to)
@@ -241,6 +297,11 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
         raise ReshardError(str(error)) from None
     if target_padded < original_vocab:
         raise ReshardError(f"target padded vocabulary {target_padded} < original {original_vocab}")
+    hf_rows = info.get("hf_vocab_size")
+    if hf_rows and target_padded < hf_rows:  # e.g. BLOOM: 250,680 tokens, 250,880 HF rows
+        log(f"WARNING: the checkpoint came from a Hugging Face model with {hf_rows} vocabulary "
+            f"rows; the target keeps {target_padded} (pass --pad-vocab-size-to {hf_rows} to keep "
+            f"them all, as the BLOOM launch scripts do)")
     method = args.get("pp_partition_method")
     try:
         validate_pipeline(args["num_layers"], target_pp, None, method,
@@ -262,10 +323,10 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
     groups_of: dict[str, int] = {}      # global key -> index of its source param group
     common: dict | None = None
     for p in range(source_pp):
-        layout = _layout(args, source_pp, p, chunks)
+        layout = chunk_layout(args, source_pp, p, chunks)
         states = []
         for t in range(source_tp):
-            states.append(_read(files[(t, p)]))
+            states.append(read_rank_file(files[(t, p)]))
         if common is None:
             common = {k: v for k, v in states[0].items()
                       if not k.startswith("model") and k not in RNG_KEYS}
@@ -273,21 +334,9 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
             if optimizer is not None:
                 common["optimizer"] = {k: v for k, v in optimizer.items() if k != "state"}
         where = os.path.join(source_dir, os.path.basename(os.path.dirname(files[(0, p)])))
+        merged.update(merge_stage_model(layout, states, [files[(t, p)] for t in range(source_tp)],
+                                        where, log))
         for c, chunk in enumerate(layout):
-            key = "model" if len(layout) == 1 else f"model{c}"
-            flats = []
-            for t, state in enumerate(states):
-                if key not in state:
-                    raise ReshardError(f"{files[(t, p)]}: no {key!r} entry")
-                flats.append(_flatten(state.pop(key), files[(t, p)]))
-            for local in list(flats[0]):
-                shards = []
-                for t, flat in enumerate(flats):
-                    if local not in flat:
-                        raise ReshardError(f"{files[(t, p)]}: no {local} (TP rank 0 has it)")
-                    shards.append(flat.pop(local))
-                merged[_to_global(local, chunk)] = _merge(local, shards, f"{where} chunk {c}",
-                                                          log)
             # optimizer state of this chunk
             if all("optimizer" in s for s in states):
                 opt_states = [s["optimizer"]["state"] for s in states]
@@ -300,15 +349,15 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
                     entry = {}
                     for k, value in entries[0].items():
                         if torch.is_tensor(value) and value.dim() > 0:
-                            entry[k] = _merge(local, [e[k] for e in entries],
-                                              f"{where} optimizer {k}", log)
+                            entry[k] = merge_tensor(local, [e[k] for e in entries],
+                                                    f"{where} optimizer {k}", log)
                         else:
                             entry[k] = value
-                    opt_merged[_to_global(local, chunk)] = entry
+                    opt_merged[to_global(local, chunk)] = entry
                 for index, group in enumerate(states[0]["optimizer"]["param_groups"]):
                     for n in group["params"]:
                         if n.startswith(prefix):
-                            groups_of[_to_global(n[len(prefix):], chunk)] = index
+                            groups_of[to_global(n[len(prefix):], chunk)] = index
         del states
     assert common is not None
 
@@ -350,15 +399,16 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
     new_info = dict(info, padded_vocab_size=target_padded, original_vocab_size=original_vocab)
     source_groups = (common.get("optimizer") or {}).get("param_groups", [])
     for p in range(target_pp):
-        (chunk,) = _layout(new_args, target_pp, p, 1)
-        names = _target_names(chunk, merged)
+        (chunk,) = chunk_layout(new_args, target_pp, p, 1)
+        names = target_names(chunk, merged)
         for t in range(target_tp):
             state = {k: v for k, v in common.items() if k != "optimizer"}
             state["args"] = new_args
             state["checkpoint_info"] = new_info
             key_of = {local: (EMBED if key == HEAD else key) for local, key in names}
-            state["model"] = _nest([(local, _shard(merged[key_of[local]], local, target_tp, t))
-                                    for local, _ in names], chunk.pre_process)
+            state["model"] = nest_model([(local, shard_tensor(merged[key_of[local]], local,
+                                                              target_tp, t))
+                                         for local, _ in names], chunk.pre_process)
             if "optimizer" in common:
                 opt_state = {}
                 for local, _ in names:
@@ -366,8 +416,9 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
                     if entry is None:
                         continue
                     opt_state["chunk0." + local] = {
-                        k: (_shard(v, local, target_tp, t) if torch.is_tensor(v) and v.dim() > 0
-                            else v) for k, v in entry.items()}
+                        k: (shard_tensor(v, local, target_tp, t)
+                            if torch.is_tensor(v) and v.dim() > 0 else v)
+                        for k, v in entry.items()}
                 groups = []
                 for index, group in enumerate(source_groups):
                     params = [f"chunk0.{local}" for local, _ in names
@@ -400,7 +451,7 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
     return final
 
 
-def _read(path: str) -> dict:
+def read_rank_file(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

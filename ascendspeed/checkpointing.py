@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,6 +58,12 @@ class LoadedState:
     iteration: int = 0
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
+    # checkpoint_info entries about where the weights came from (a converted Hugging Face model's
+    # vocabulary rows and config), written again by every later save.
+    provenance: dict = field(default_factory=dict)
+
+
+PROVENANCE_KEYS = ("hf_vocab_size", "hf_config")
 
 
 # ------------------------------------------------------------------------------------- paths
@@ -210,8 +216,10 @@ def _barrier() -> None:
 
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, config,
                     padded_vocab_size: int, original_vocab_size: int,
-                    consumed_train_samples: int, consumed_valid_samples: int) -> str:
-    """Write iteration `iteration` under `root` (every rank calls this); the final directory."""
+                    consumed_train_samples: int, consumed_valid_samples: int,
+                    provenance: dict | None = None) -> str:
+    """Write iteration `iteration` under `root` (every rank calls this); the final directory.
+    `provenance` (LoadedState.provenance) goes into checkpoint_info unchanged."""
     final = os.path.join(root, iteration_dir_name(iteration))
     staging = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -230,7 +238,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
                  "tokens": consumed_train_samples * config.model.seq_length,
                  "args": run_args(config, padded_vocab_size),
                  "checkpoint_info": {"padded_vocab_size": padded_vocab_size,
-                                     "original_vocab_size": original_vocab_size}}
+                                     "original_vocab_size": original_vocab_size,
+                                     **(provenance or {})}}
         if len(model_chunks) == 1:
             state["model"] = model_state_dict(model_chunks[0])
         else:
@@ -330,14 +339,17 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, config,
     iteration, path = located
     release = iteration == "release"
     checkpoint = config.checkpoint
+    info = state.get("checkpoint_info") or {}
+    provenance = {key: info[key] for key in PROVENANCE_KEYS if key in info}
     if release or checkpoint.finetune:
         optimizer.reload_model_params()
         log(f" > loaded model weights from {path} (iteration 0: "
             f"{'release' if release else '--finetune'})")
-        return LoadedState()
+        return LoadedState(provenance=provenance)
     loaded = LoadedState(iteration=int(state["iteration"]),
                          consumed_train_samples=int(state.get("consumed_train_samples", 0)),
-                         consumed_valid_samples=int(state.get("consumed_valid_samples", 0)))
+                         consumed_valid_samples=int(state.get("consumed_valid_samples", 0)),
+                         provenance=provenance)
     if checkpoint.no_load_optim or "optimizer" not in state:
         optimizer.reload_model_params()
     else:

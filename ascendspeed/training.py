@@ -322,7 +322,8 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     def save(iteration: int) -> None:
         path = save_checkpoint(config.checkpoint.save, iteration, model, optimizer, scheduler,
                                config, padded_vocab, tokenizer.vocab_size,
-                               result.consumed_train_samples, consumed_valid_samples)
+                               result.consumed_train_samples, consumed_valid_samples,
+                               loaded.provenance)
         if is_logging_rank():
             log(f" saved checkpoint at iteration {iteration} to {path}")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_process_tree
 from megatron_ext.indexed_dataset import MMapIndexedDatasetBuilder
 from test_pretrain import corpus, launch, losses, model_args  # noqa: F401 (corpus is a fixture)
 
@@ -126,7 +126,7 @@ def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_pa
                     and process.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.0))
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_process_tree(process.pid)
             process.wait()
         assert tracker.exists(), (tmp_path / f"attempt{attempt}.log").read_text()[-3000:]
         iteration = int(tracker.read_text())

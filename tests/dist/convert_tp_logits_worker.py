@@ -1,9 +1,11 @@
 """Run under torchrun by tests/test_convert_tp.py: build this rank's BloomModel chunk the way
 ascendspeed.training.build_model does, load it from a checkpoint iteration directory, run a fixed
 batch through the pipeline and write the full-vocabulary logits (cut to the original vocabulary)
-from the last stage's TP rank 0 to --out.
+from the last stage's TP rank 0 to --out (and, with --tokens-out, the input tokens, so that a
+caller can run the same batch through another model).
 
-    torchrun ... convert_tp_logits_worker.py --iteration-dir DIR --out FILE -- <pretrain flags>
+    torchrun ... convert_tp_logits_worker.py --iteration-dir DIR --out FILE [--tokens-out FILE] \
+        -- <pretrain flags>
 """
 import argparse
 import os
@@ -25,6 +27,7 @@ def main():
     own = argparse.ArgumentParser()
     own.add_argument("--iteration-dir", required=True)
     own.add_argument("--out", required=True)
+    own.add_argument("--tokens-out", default=None)
     options = own.parse_args(sys.argv[1:split])
     config = PretrainConfig.from_args(parse_args(sys.argv[split + 1:]),
                                       world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -53,6 +56,8 @@ def main():
                 out = gather_from_tensor_model_parallel_region(out)
             if ps.get_tensor_model_parallel_rank() == 0:
                 torch.save(out[..., :original].float().clone(), options.out)
+                if options.tokens_out:
+                    torch.save(tokens, options.tokens_out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
