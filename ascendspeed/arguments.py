@@ -322,14 +322,30 @@ def add_deepspeed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("text generation")
-    group.add_argument("--out-seq-length", type=int, default=1024)
+    group.add_argument("--out-seq-length", type=int, default=1024,
+                       help="tokens to generate per prompt (Megatron-DeepSpeed's meaning), "
+                            "unless --max-new-tokens is given")
+    group.add_argument("--max-new-tokens", type=int, default=None,
+                       help="tokens to generate per prompt (overrides --out-seq-length)")
     group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=0.0)
-    group.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0)
+    group.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=0.0,
+                       help="nucleus sampling in (0, 1]; 0 = off")
+    group.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0,
+                       help="sample among the k most likely tokens; 0 = off, 1 = greedy")
     group.add_argument("--greedy", action="store_true")
     group.add_argument("--recompute", action="store_true",
                        help="recompute all attention for every generated token instead of "
                             "keeping a key/value cache")
+    group.add_argument("--prompt", action="append", default=None,
+                       help="a prompt (repeatable); without prompts or --sample-input-file, "
+                            "prompts are read from stdin")
+    group.add_argument("--sample-input-file", type=str, default=None,
+                       help="UTF-8 text file, one prompt per line")
+    group.add_argument("--sample-output-file", type=str, default=None,
+                       help="JSON lines: {\"prompt\", \"text\", \"token_ids\"} per prompt")
+    group.add_argument("--stop", action="append", default=None,
+                       help="stop a sequence when its generated text contains this string "
+                            "(repeatable; the text is cut before it)")
     return parser
 
 
@@ -396,7 +412,9 @@ ACCEPTED_WITHOUT_EFFECT = (
      "no DeepSpeed engine: ZeRO stage 0 in fp32 is plain data parallelism"),
     ("--out-seq-length/--temperature/--top_p/--top_k/--greedy",
      lambda a: (a.out_seq_length, a.temperature, a.top_p, a.top_k, a.greedy)
-     != (1024, 1.0, 0.0, 0, False), "text-generation flags; no effect on pretraining"),
+     != (1024, 1.0, 0.0, 0, False) or any(getattr(a, name, None) is not None for name in (
+         "max_new_tokens", "prompt", "sample_input_file", "sample_output_file", "stop")),
+     "text-generation flags; no effect on pretraining"),
 )
 
 
@@ -908,6 +926,55 @@ def check_data_files(data: DataConfig) -> None:
         if missing:
             raise ConfigError(f"{flag} {prefix}: {' and '.join(missing)} not found (expected the "
                               f"prefix of a dataset written by tools/preprocess_data.py)")
+
+
+# ---------------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What examples/bloom/generate_bloom.py does with a loaded model (the model, tokenizer and
+    parallel flags are the trainer's). Sampling follows Megatron: greedy = --greedy or --top_k 1."""
+    max_new_tokens: int = 1024  # --max-new-tokens, else --out-seq-length
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int = 1234
+    stop: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    sample_input_file: str | None = None
+    sample_output_file: str | None = None
+    recompute: bool = False  # no key/value cache: the whole sequence again for every token
+    batch_size: int = 1  # prompts generated together (--micro-batch-size)
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"--max-new-tokens/--out-seq-length must be > 0, got "
+                              f"{self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--micro-batch-size must be >= 1, got {self.batch_size}")
+        if any(not s for s in self.stop):
+            raise ConfigError("--stop: an empty stop string would stop at once")
+        try:
+            self.sampling()
+        except ValueError as error:
+            raise ConfigError(f"--{error}") from None
+
+    def sampling(self):
+        """The ascendspeed.generation SamplingParams (validated there: the server shares it)."""
+        from ascendspeed.generation.sampling import SamplingParams
+
+        return SamplingParams(greedy=self.greedy, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "GenerationConfig":
+        max_new = args.max_new_tokens if args.max_new_tokens is not None else args.out_seq_length
+        return cls(max_new_tokens=max_new, greedy=bool(args.greedy), temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   stop=tuple(args.stop or ()), prompts=tuple(args.prompt or ()),
+                   sample_input_file=args.sample_input_file,
+                   sample_output_file=args.sample_output_file, recompute=bool(args.recompute),
+                   batch_size=args.micro_batch_size or 1)
 
 
 # ---------------------------------------------------------------------------------- all of it

