@@ -337,3 +337,49 @@ def test_7b1_generate_script_runs_on_a_tiny_checkpoint(checkpoint, tmp_path):
     assert result.stdout.startswith("hello")
     assert "--layernorm-epsilon: 1e-06 -> 1e-05" in result.stderr
     assert "--num-layers: 30 -> 2" in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_generate_from_a_converted_hf_model_equals_hf_generate(checkpoint, tmp_path):
+    """A random BloomForCausalLM through tools/convert_checkpoint.py (TP=2, release) and
+    generate_bloom.py on 2 processes: greedy tokens equal HF `generate` on the same prompts."""
+    import transformers
+
+    from ascendspeed.data.tokenizer import GPT2BPETokenizer
+    from test_convert_checkpoint import TO_OURS, converted
+
+    root = checkpoint[0]
+    tokenizer = GPT2BPETokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    config = transformers.BloomConfig(vocab_size=tokenizer.vocab_size + 3, hidden_size=HIDDEN,
+                                      n_layer=LAYERS, n_head=HEADS)
+    torch.manual_seed(5)
+    model = transformers.BloomForCausalLM(config).eval()
+    with torch.no_grad():  # away from HF's small init, so greedy does not repeat one token
+        for name, param in model.named_parameters():
+            if "word_embeddings.weight" not in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    converted(*TO_OURS, "--input", tmp_path / "hf", "--output", tmp_path / "ckpt",
+              "--target-tp", 2)
+
+    prompts = ["hello world", "the quick brown fox jumps"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         GENERATE, *generate_args((root, tmp_path / "ckpt"), "--greedy", "--micro-batch-size", "2",
+                                  "--tensor-model-parallel-size", "2", "--max-new-tokens", "8",
+                                  "--sample-input-file", str(tmp_path / "prompts.txt"),
+                                  "--sample-output-file", str(output))],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    for record in records:
+        ids = tokenizer.tokenize(record["prompt"])
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=tokenizer.eod, pad_token_id=tokenizer.eod)
+        expected = expected[0, len(ids):].tolist()
+        if tokenizer.eod in expected:  # ours stops there and leaves the EOS out
+            expected = expected[:expected.index(tokenizer.eod)]
+        assert record["token_ids"] == expected, record
