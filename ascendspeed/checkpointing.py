@@ -271,9 +271,11 @@ def _saved_layout(directory: str) -> str:
     return ", ".join(ranks) if ranks else "no mp_rank_* directories"
 
 
-def read_checkpoint_file(path: str) -> dict:
+def read_checkpoint_file(path: str, mmap: bool = False) -> dict:
+    """`path`'s contents, without running pickled code; `mmap` maps the tensors instead of
+    reading them (for a look at `args` without loading a rank's weights)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # missing, truncated, corrupt, or holding pickled code
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200]})") from error
@@ -377,7 +379,7 @@ def checkpoint_args(root: str) -> dict:
     if not ranks:
         raise CheckpointError(f"{iteration_dir}: no mp_rank_* directories")
     path = os.path.join(iteration_dir, ranks[0], "model_optim_rng.pt")
-    saved = read_checkpoint_file(path).get("args")
+    saved = read_checkpoint_file(path, mmap=True).get("args")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: no 'args' entry to take the model flags from")
     return saved

@@ -157,18 +157,11 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from ascendspeed import device
-    from ascendspeed.core import parallel_state as ps
-    from ascendspeed.core.tensor_parallel import model_parallel_seed
     from ascendspeed.generation import StageRunner
+    from ascendspeed.generation.launch import start_processes
 
     torch.set_grad_enabled(False)
-    if world_size > 1:
-        device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=args.distributed_backend or device.default_backend())
-        ps.initialize_model_parallel(setup.tensor_model_parallel_size,
-                                     setup.pipeline_model_parallel_size)
-    model_parallel_seed(args.seed)  # the attention forks the TP-rank RNG stream, as in training
+    start_processes(setup, args.distributed_backend, args.seed)
     output = Output(config.sample_output_file)
     try:
         runner = StageRunner(load_stage(setup, log), setup.tokenizer.vocab_size)
