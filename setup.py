@@ -53,5 +53,6 @@ setup(
         "pybind11>=2.10",  # also what setup.py builds csrc/ with
         "tensorboard",  # --tensorboard-dir
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # lm-evaluation-harness for ascendspeed.evaluation.lm_eval_adapter (large: datasets, pandas, ...)
+    extras_require={"test": ["pytest>=7"], "eval": ["lm_eval==0.4.13"]},
 )
