@@ -52,6 +52,7 @@ setup(
         "zstandard",
         "pybind11>=2.10",  # also what setup.py builds csrc/ with
         "tensorboard",  # --tensorboard-dir
+        "flask>=3.0",  # tools/run_text_generation_server.py
     ],
     # lm-evaluation-harness for ascendspeed.evaluation.lm_eval_adapter (large: datasets, pandas, ...)
     extras_require={"test": ["pytest>=7"], "eval": ["lm_eval==0.4.13"]},

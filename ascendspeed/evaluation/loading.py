@@ -4,35 +4,12 @@ them. World size = TP x PP (the checkpoint's; tools/convert_tp.py reshards)."""
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch.distributed as dist
 
-from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
-from ascendspeed.core.tensor_parallel import model_parallel_seed
+from ascendspeed.generation.launch import rank, start_processes, world_size  # noqa: F401
 from ascendspeed.generation.loading import GenerationSetup, load_stage, prepare  # noqa: F401
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def start_processes(setup: GenerationSetup, backend: str | None, seed: int) -> None:
-    """Process groups for the launched TP x PP processes (none for one process); the seeded RNG
-    streams the attention forks even in eval. (Scoring runs under no_grad itself: nothing global
-    is switched off, so in-process callers such as tests keep autograd.)"""
-    if world_size() > 1 and not dist.is_initialized():
-        device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend or device.default_backend())
-    if dist.is_initialized() and not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(setup.tensor_model_parallel_size,
-                                     setup.pipeline_model_parallel_size)
-    model_parallel_seed(seed)
 
 
 def stop_processes() -> None:

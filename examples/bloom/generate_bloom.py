@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     from ascendspeed.generation import StageRunner
     from ascendspeed.generation.launch import start_processes
 
+    grad_was_enabled = torch.is_grad_enabled()  # main() may run inside another program (tests)
     torch.set_grad_enabled(False)
     start_processes(setup, args.distributed_backend, args.seed)
     output = Output(config.sample_output_file)
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
         log(f"error: {error}")
         return 2
     finally:
+        torch.set_grad_enabled(grad_was_enabled)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
