@@ -50,13 +50,14 @@ class StageRunner:
         self.model = model.eval()
         self.vocab_size = vocab_size  # the tokenizer's: padded rows must never be chosen
 
-    @torch.no_grad()
+    @torch.no_grad()  # (not inference_mode: callers may still modify the logits in place)
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cache: InferenceCache | None) -> torch.Tensor | None:
         model, config = self.model, self.model.config
         shape = (*input_ids.shape, config.hidden_size)
         hidden = p2p.recv_forward(shape, config.params_dtype, requires_grad=False)
-        out = model(input_ids, attention_mask=attention_mask, hidden_states=hidden, cache=cache)
+        out = model(input_ids, attention_mask=attention_mask, hidden_states=hidden, cache=cache,
+                    last_only=True)  # the head for the last position only
         if not model.post_process:
             p2p.send_forward(out, shape, config.params_dtype)
             return None
@@ -124,10 +125,19 @@ def generate_tokens(runner: StageRunner, prompts: Sequence[Sequence[int]], *,
     generator = None
     if not sampling.is_greedy:
         generator = torch.Generator(device=on).manual_seed(sampling.seed)
-    cache = None if recompute else InferenceCache()
+    # The longest the batch can get: the cache and the mask are allocated once for it.
+    longest = ids.shape[1] + max(0, *budgets)
+    cache = None if recompute else InferenceCache(capacity=longest)
+    full_mask = torch.ones(len(prompts), longest, dtype=mask.dtype, device=on)
+    full_mask[:, :ids.shape[1]] = mask
+    full_ids = torch.empty(len(prompts), longest, dtype=ids.dtype, device=on) if recompute else None
+    if recompute:
+        full_ids[:, :ids.shape[1]] = ids
+    length = ids.shape[1]  # tokens in the sequences so far (left padding included)
     step_input = ids
     while any(r.finish_reason is None for r in results):
-        logits = runner(ids if recompute else step_input, mask, cache)
+        mask = full_mask[:, :length]
+        logits = runner(full_ids[:, :length] if recompute else step_input, mask, cache)
         chosen = torch.zeros(len(prompts), dtype=torch.long, device=on)
         logprobs = torch.zeros(len(prompts), dtype=torch.float32, device=on)
         if logits is not None:
@@ -156,9 +166,12 @@ def generate_tokens(runner: StageRunner, prompts: Sequence[Sequence[int]], *,
                 result.finish_reason = "length"
         if on_step is not None:
             on_step(results, new)
+        if all(r.finish_reason is not None for r in results):
+            break
         step_input = chosen[:, None]
-        ids = torch.cat([ids, step_input], dim=1)
-        mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+        if recompute:
+            full_ids[:, length] = chosen
+        length += 1
     return results
 
 

@@ -26,6 +26,7 @@ from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelL
                                               copy_to_tensor_model_parallel_region, divide,
                                               gather_from_sequence_parallel_region,
                                               get_rng_tracker, vocab_parallel_cross_entropy)
+from ascendspeed.core.tensor_parallel.layers import inference_linear
 from ascendspeed.core.tensor_parallel.random import checkpoint
 
 
@@ -69,18 +70,35 @@ class BloomConfig:
 class InferenceCache:
     """Keys and values of the tokens already processed, for generation: per layer number,
     [b, this TP rank's heads, past, head_dim]. A forward given the cache attends over past + new
-    tokens, appends the new keys/values and advances `length`. One cache per pipeline stage."""
+    tokens, appends the new keys/values and advances `length`. One cache per pipeline stage.
+
+    The keys/values live in buffers preallocated for `capacity` tokens (the prompt plus the tokens
+    to generate, when the caller knows it; otherwise, or when a forward runs past it, a buffer grows
+    by doubling): each forward writes its new tokens in place and attends over a view of the
+    first past + new. `keys[layer]` / `values[layer]` are those views."""
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     length: int = 0  # tokens cached so far (the same for every layer after a forward)
+    capacity: int = 0  # tokens to preallocate for (0: as many as the first forward brings)
+    _buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """The layer's keys and values over past + new tokens (and remember them)."""
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        past = self.keys[layer].shape[2] if layer in self.keys else 0
+        end = past + k.shape[2]
+        buffers = self._buffers.get(layer)
+        if buffers is None or buffers[0].shape[2] < end:
+            size = max(end, self.capacity, 2 * buffers[0].shape[2] if buffers is not None else 0)
+            grown = tuple(t.new_empty(t.shape[0], t.shape[1], size, t.shape[3]) for t in (k, v))
+            if past:
+                grown[0][:, :, :past].copy_(self.keys[layer])
+                grown[1][:, :, :past].copy_(self.values[layer])
+            buffers = self._buffers[layer] = grown
+        key_buffer, value_buffer = buffers
+        key_buffer[:, :, past:end].copy_(k)
+        value_buffer[:, :, past:end].copy_(v)
+        self.keys[layer], self.values[layer] = key_buffer[:, :, :end], value_buffer[:, :, :end]
+        return self.keys[layer], self.values[layer]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -121,7 +139,9 @@ class BloomAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: InferenceCache | None = None,
                 layer_number: int = 0):
-        qkv = self.query_key_value(x)  # under sequence parallelism: the full sequence, gathered
+        inference = cache is not None
+        # under sequence parallelism: the full sequence, gathered
+        qkv = self.query_key_value.forward_inference(x) if inference else self.query_key_value(x)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, hd]
@@ -133,7 +153,8 @@ class BloomAttention(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                      dropout_p=dropout,
                                                      scale=1.0 / math.sqrt(self.head_dim))
-        return self.dense(context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        return self.dense.forward_inference(context) if inference else self.dense(context)
 
 
 class BloomMLP(nn.Module):
@@ -147,7 +168,11 @@ class BloomMLP(nn.Module):
                                                skip_bias_add=True, params_dtype=dtype,
                                                sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, inference: bool = False):
+        """`inference`: generation (the layers' forward_inference)."""
+        if inference:
+            return self.dense_4h_to_h.forward_inference(
+                bloom_gelu(self.dense_h_to_4h.forward_inference(x)))
         return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
 
 
@@ -171,7 +196,7 @@ class BloomBlock(nn.Module):
         out, bias = self.self_attention(self.input_layernorm(x), attention_bias, cache,
                                         self.layer_number)
         x = x + _hidden_dropout(out + bias, self.hidden_dropout, self.training, self.sequence_parallel)
-        out, bias = self.mlp(self.post_attention_layernorm(x))
+        out, bias = self.mlp(self.post_attention_layernorm(x), cache is not None)
         return x + _hidden_dropout(out + bias, self.hidden_dropout, self.training,
                                    self.sequence_parallel)
 
@@ -269,14 +294,16 @@ class BloomModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None,
-                cache: InferenceCache | None = None) -> torch.Tensor:
+                cache: InferenceCache | None = None, last_only: bool = False) -> torch.Tensor:
         """The whole model: vocab-parallel logits [b, s, V/tp]; or, given labels, the per-token
         loss [b, s] (fp32). A stage without the embedding takes the previous stage's output as
         `hidden_states` (input_ids still give the shape); one without the head returns its
         hidden states ([b, s/tp, h] under sequence parallelism).
 
         Generation passes a `cache` (this stage's InferenceCache): input_ids are then only the new
-        tokens, attention_mask (if any) covers the cached and the new ones, and the cache grows."""
+        tokens, attention_mask (if any) covers the cached and the new ones, and the cache grows.
+        `last_only` (generation, without labels): the logits of the last position only,
+        [b, 1, V/tp] (the final LayerNorm and head run for that position alone)."""
         b, s = input_ids.shape
         tp = ps.get_tensor_model_parallel_world_size()
         if cache is not None and (self.sequence_parallel or self.training):
@@ -305,10 +332,18 @@ class BloomModel(nn.Module):
             cache.length += s
         if not self.post_process:
             return x
+        if last_only and labels is not None:
+            raise ValueError("last_only gives logits, not a loss: pass no labels")
+        if last_only and not self.sequence_parallel:
+            x = x[:, -1:]  # the LayerNorm and head work per token: skip the other positions
         x = self.final_layernorm(x)
         x = (gather_from_sequence_parallel_region(x) if self.sequence_parallel
              else copy_to_tensor_model_parallel_region(x))
-        logits = F.linear(x, self.word_embeddings.weight)
+        if last_only and self.sequence_parallel:
+            x = x[:, -1:]
+        logits = (inference_linear(x, self.word_embeddings.weight, contiguous=False)
+                  if labels is None and (last_only or cache is not None)
+                  else F.linear(x, self.word_embeddings.weight))
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits.float(), labels)
