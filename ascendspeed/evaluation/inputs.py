@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ascendspeed.arguments import ConfigError
+from ascendspeed.data.text_lines import read_utf8_lines
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDataset, data_file_path,
                                           dataset_exists)
 
@@ -21,18 +22,8 @@ class EvalInputError(ConfigError):
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a UTF-8 JSON-lines file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise EvalInputError(f"{path}: cannot read ({error.strerror})") from None
     records = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise EvalInputError(f"{path}: line {number} is not valid UTF-8 (byte "
-                                 f"{error.start + 1} of the line)") from None
+    for number, line in read_utf8_lines(path, error=EvalInputError):
         if not line.strip():
             continue
         try:

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from ascendspeed.arguments import ConfigError, GenerationConfig, parse_args  # noqa: E402
 from ascendspeed.checkpointing import CheckpointError  # noqa: E402
+from ascendspeed.data.text_lines import read_utf8_lines  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -34,20 +35,8 @@ def log(message: str) -> None:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise ConfigError(f"--sample-input-file {path}: cannot read ({error.strerror})") from None
-    prompts = []
-    for number, line in enumerate(data.split(b"\n"), 1):
-        try:
-            text = line.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"--sample-input-file {path}: line {number} is not valid UTF-8 "
-                              f"(byte {error.start + 1} of the line)") from None
-        if text.strip():
-            prompts.append(text)
+    prompts = [text for _, text in read_utf8_lines(path, f"--sample-input-file {path}")
+               if text.strip()]
     if not prompts:
         raise ConfigError(f"--sample-input-file {path}: no prompts (every line is blank)")
     return prompts
