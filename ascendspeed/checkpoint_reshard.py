@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ascendspeed.arguments import ConfigError
-from ascendspeed.checkpointing import (TRACKER_FILENAME, write_atomically, iteration_dir_name,
-                                       rank_file, read_tracker)
+from ascendspeed.checkpointing import (TRACKER_FILENAME, CheckpointError, iteration_dir_name,
+                                       rank_file, read_checkpoint_file, read_tracker,
+                                       write_atomically)
 from ascendspeed.core.pipeline_parallel.partition import (PipelinePartitionError, stage_layout,
                                                           validate_pipeline)
 from ascendspeed.data.tokenizer import vocab_size_with_padding
@@ -452,11 +453,8 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
 
 
 def read_rank_file(path: str) -> dict:
+    """checkpointing.read_checkpoint_file, its error as a ReshardError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ReshardError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
-    if not isinstance(state, dict) or not any(k.startswith("model") for k in state):
-        raise ReshardError(f"{path}: not a model checkpoint (no 'model' entry)")
-    return state
+        return read_checkpoint_file(path)
+    except CheckpointError as error:
+        raise ReshardError(str(error)) from None

@@ -201,7 +201,8 @@ def run_args(config, padded_vocab_size: int) -> dict:
             "params_dtype": config.precision.params_dtype}
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (a collective; `flag` itself with one process)."""
     if not dist.is_initialized():
         return flag
     tensor = torch.tensor([float(flag)])
@@ -278,7 +279,7 @@ def read_checkpoint_file(path: str, mmap: bool = False) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # missing, truncated, corrupt, or holding pickled code
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]})") from error
+                              f"{(str(error).splitlines() or [''])[0][:200]})") from error
     if not isinstance(state, dict) or not any(k.startswith("model") for k in state):
         raise CheckpointError(f"{path}: not a model checkpoint (no 'model' entry)")
     return state
@@ -331,7 +332,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, config,
                 load_model_state_dict(chunk, state[key], located[1])
     except CheckpointError as error:
         failure = error
-    if _any_rank(failure is not None):
+    if any_rank(failure is not None):
         raise failure or CheckpointError(f"{root}: another rank could not load its part of the "
                                          f"checkpoint (its message is above)")
     if located is None:  # as Megatron: the first run of a job that saves to and loads from DIR

@@ -15,11 +15,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ascendspeed import device
 from ascendspeed.arguments import ConfigError, ModelConfig, TokenizerConfig
-from ascendspeed.checkpointing import (CheckpointError, apply_checkpoint_args, check_args,
+from ascendspeed.checkpointing import (CheckpointError, any_rank, apply_checkpoint_args, check_args,
                                        checkpoint_args, load_model_state_dict, locate_checkpoint,
                                        read_checkpoint_file, read_tracker, TRACKER_FILENAME)
 from ascendspeed.core import parallel_state as ps
@@ -149,13 +148,8 @@ def load_stage(setup: GenerationSetup, log=print) -> BloomModel:
         load_model_state_dict(model, state["model"], path)
     except CheckpointError as error:
         failure = error
-    if dist.is_initialized():
-        flag = torch.tensor([float(failure is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and failure is None:
-            failure = CheckpointError(f"{setup.load}: another rank could not load its part of "
-                                      f"the checkpoint (its message is above)")
-    if failure is not None:
-        raise failure
+    if any_rank(failure is not None):
+        raise failure or CheckpointError(f"{setup.load}: another rank could not load its part of "
+                                         f"the checkpoint (its message is above)")
     log(f" > loaded {path} (iteration {iteration}) for generation")
     return model
