@@ -15,10 +15,9 @@ import logging
 import os
 import sys
 
-from ascendspeed.arguments import ConfigError, PretrainConfig, parse_args
-from ascendspeed.checkpointing import CheckpointError, apply_checkpoint_args
-from ascendspeed.data.gpt_dataset import DatasetConfigError
-from megatron_ext.indexed_dataset import IndexedDatasetError
+from ascendspeed.arguments import PretrainConfig, parse_args
+from ascendspeed.checkpointing import apply_checkpoint_args
+from ascendspeed.errors import AscendSpeedError, ConfigError, error_line
 
 
 def main(argv=None) -> int:
@@ -32,8 +31,8 @@ def main(argv=None) -> int:
             for change in apply_checkpoint_args(args):
                 logging.info(f" > from the checkpoint: {change}")
         config = PretrainConfig.from_args(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, CheckpointError) as error:  # before any process group: nothing can hang
-        print(f"error: {error}", file=sys.stderr)
+    except AscendSpeedError as error:  # before any process group: nothing can hang
+        print(error_line(error), file=sys.stderr)
         return 2
     from ascendspeed.training import pretrain
 
@@ -43,8 +42,8 @@ def main(argv=None) -> int:
 
         if dist.is_initialized():
             dist.barrier()  # nobody tears gloo down while a peer is still in a collective
-    except (ConfigError, CheckpointError, DatasetConfigError, IndexedDatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except AscendSpeedError as error:
+        print(error_line(error), file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from ascendspeed.errors import ConfigError
+
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "PretrainedFromHF", "SentencePieceTokenizer",
                    "GPTSentencePieceTokenizer")
-
-
-class ConfigError(ValueError):
-    """A flag value that cannot work; the message names the flag and what was expected."""
 
 
 # ---------------------------------------------------------------------------------- tokenizer

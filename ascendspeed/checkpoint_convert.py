@@ -31,8 +31,9 @@ from ascendspeed.checkpoint_reshard import (EMBED, HEAD, Chunk, check_divisible,
                                             read_rank_file, split_dim, target_names, to_global)
 from ascendspeed.checkpointing import (CHECKPOINT_VERSION, TRACKER_FILENAME, iteration_dir_name,
                                        rank_file, write_atomically)
-from ascendspeed.core.pipeline_parallel.partition import PipelinePartitionError, validate_pipeline
+from ascendspeed.core.pipeline_parallel.partition import validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
+from ascendspeed.errors import ConvertError, PipelinePartitionError
 from ascendspeed.model import hf_bloom
 from ascendspeed.model.bloom import BloomConfig as OurBloomConfig
 
@@ -41,10 +42,6 @@ LM_HEAD = "lm_head.weight"
 DEFAULT_SEQ_LENGTH = 2048  # ALiBi has no position limit; a run's --seq-length may differ
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
-
-
-class ConvertError(RuntimeError):
-    """Input that cannot be converted; the message names the file, tensor or number."""
 
 
 class TensorSource(Protocol):

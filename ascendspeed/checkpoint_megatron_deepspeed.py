@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ascendspeed.checkpoint_reshard import split_dim
+from ascendspeed.errors import MegatronDeepSpeedError
 
 EMBEDDING_LAYER = 1
 FIRST_BLOCK_LAYER = 3  # block i lives in layer_{i+3}; the final LN in layer_{L+4}
@@ -52,10 +53,6 @@ EMBEDDING_KEYS = {"word_embeddings.weight": "word_embeddings.weight",
                   "word_embeddings.norm.bias": "word_embeddings_layernorm.bias"}
 FINAL_KEYS = {"weight": "ln_f.weight", "bias": "ln_f.bias"}
 MEGATRON_ENUM_MODULE = re.compile(r"^megatron(\.\w+)*\.enums$")
-
-
-class MegatronDeepSpeedError(RuntimeError):
-    """An unreadable or inconsistent Megatron-DeepSpeed checkpoint; names the file and field."""
 
 
 class MegatronEnum:

@@ -31,13 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ascendspeed.arguments import ConfigError
-from ascendspeed.checkpointing import (TRACKER_FILENAME, CheckpointError, iteration_dir_name,
-                                       rank_file, read_checkpoint_file, read_tracker,
-                                       write_atomically)
-from ascendspeed.core.pipeline_parallel.partition import (PipelinePartitionError, stage_layout,
-                                                          validate_pipeline)
+from ascendspeed.checkpointing import (TRACKER_FILENAME, iteration_dir_name, rank_file,
+                                       read_checkpoint_file, read_tracker, write_atomically)
+from ascendspeed.core.pipeline_parallel.partition import stage_layout, validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
+from ascendspeed.errors import CheckpointError, ConfigError, PipelinePartitionError, ReshardError
 
 RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state", "device_rng_state",
             "rng_tracker_states")
@@ -49,10 +47,6 @@ SPLIT_DIMS = (("word_embeddings.weight", 0),
               ("self_attention.dense.weight", 1), ("mlp.dense_4h_to_h.weight", 1))
 EMBED = "embed.word_embeddings.weight"  # the first stage's copy (the model's only, PP = 1)
 HEAD = "head.word_embeddings.weight"    # the last stage's copy for the tied head (PP > 1)
-
-
-class ReshardError(RuntimeError):
-    """A checkpoint that cannot be resharded as asked; the message names the file or number."""
 
 
 def split_dim(name: str) -> int | None:

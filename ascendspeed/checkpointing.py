@@ -35,6 +35,7 @@ import torch.distributed as dist
 from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import get_rng_tracker
+from ascendspeed.errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -47,10 +48,6 @@ MATCHED_ARGS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size")
                 ("pipeline_model_parallel_size", "--pipeline-model-parallel-size"),
                 ("virtual_pipeline_chunks", "--num-layers-per-virtual-pipeline-stage"),
                 ("embed_layernorm", "--embed-layernorm"))
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into this run; the message names the file and field."""
 
 
 @dataclass

@@ -10,7 +10,6 @@ pipeline stages (only the first and last use the tokens, but every iterator adva
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -20,22 +19,23 @@ import torch
 import torch.distributed as dist
 
 from ascendspeed import device
-from ascendspeed.arguments import ConfigError, PretrainConfig
+from ascendspeed.arguments import PretrainConfig
 from ascendspeed.checkpointing import LoadedState, load_checkpoint, save_checkpoint
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
 from ascendspeed.core.tensor_parallel import model_parallel_seed
-from ascendspeed.data.gpt_dataset import build_datasets
+from ascendspeed.data.builders import build_datasets
 from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
+from ascendspeed.errors import ConfigError
 from ascendspeed.microbatches import NumMicroBatchesCalculator
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 from ascendspeed.optimizer import build_optimizer
 from ascendspeed.optimizer.lr_scheduler import OptimizerParamScheduler
 from ascendspeed.optimizer.mixed_precision import ConstantLossScaler, DynamicLossScaler
 from ascendspeed.optimizer.param_groups import get_param_groups
-from ascendspeed.training_log import (TensorBoardWriter, format_iteration_line,
+from ascendspeed.training_log import (LogInterval, TensorBoardWriter, format_iteration_line,
                                       measure_throughput, model_flops_per_iteration,
                                       validation_log_lines)
 
@@ -320,15 +320,17 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     stop_signal = ExitSignal(config.checkpoint.exit_signal_handler)
 
     def save(iteration: int) -> None:
+        interval.pause()  # saving is not training time
         path = save_checkpoint(config.checkpoint.save, iteration, model, optimizer, scheduler,
                                config, padded_vocab, tokenizer.vocab_size,
                                result.consumed_train_samples, consumed_valid_samples,
                                loaded.provenance)
         if is_logging_rank():
             log(f" saved checkpoint at iteration {iteration} to {path}")
+        interval.resume()
 
     run_start = time.time()
-    interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
+    interval = LogInterval()
     microbatches = NumMicroBatchesCalculator(training.global_batch_size, training.micro_batch_size,
                                              config.parallel.data_parallel_size,
                                              training.rampup_batch_size)
@@ -343,15 +345,11 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
         result.global_batch_sizes.append(global_batch)
         result.losses.append(loss)
         result.grad_norms.append(grad_norm)
-        skipped += 0 if updated else 1
-        nans += 0 if math.isfinite(loss) else 1
         result.skipped_iterations += 0 if updated else 1
-        if updated:  # Megatron averages the interval's loss over the iterations that stepped
-            interval_loss += loss
+        interval.add(loss, updated)
         if iteration % training.log_interval == 0 or iteration == training.train_iters:
             device.synchronize()
-            steps = iteration - (iteration - 1) // training.log_interval * training.log_interval
-            seconds = (time.time() - interval_start) / steps
+            seconds = interval.seconds_per_iteration()
             throughput = measure_throughput(
                 flops_per_iteration=model_flops_per_iteration(
                     config.model, global_batch, config.model.seq_length, padded_vocab),
@@ -359,8 +357,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                 seconds_per_iteration=seconds, world_size=config.parallel.world_size,
                 peak_flops=training.peak_flops)
             learning_rate = optimizer.param_groups[0]["lr"]
-            # As Megatron: no loss is printed for an interval in which every step was skipped.
-            interval_losses = {"lm loss": interval_loss / (steps - skipped)} if steps > skipped else {}
+            interval_losses = interval.mean_losses()
             if is_logging_rank():
                 log(format_iteration_line(
                     iteration=iteration, train_iters=training.train_iters,
@@ -368,18 +365,20 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                     seconds_per_iteration=seconds, learning_rate=learning_rate,
                     global_batch_size=global_batch,
                     losses=interval_losses, grad_norm=grad_norm,
-                    loss_scale=optimizer.loss_scale, skipped_iterations=skipped,
-                    nan_iterations=nans, throughput=throughput))
+                    loss_scale=optimizer.loss_scale, skipped_iterations=interval.skipped,
+                    nan_iterations=interval.nans, throughput=throughput))
                 writer.log_training(iteration, result.consumed_train_samples,
                                     learning_rate=learning_rate,
                                     global_batch_size=global_batch,
                                     losses=interval_losses,
-                                    loss_scale=optimizer.loss_scale,
+                                    loss_scale=(optimizer.loss_scale
+                                                if training.log_loss_scale_to_tensorboard else None),
                                     grad_norm=grad_norm, seconds_per_iteration=seconds,
                                     throughput=throughput,
                                     log_batch_size=training.log_batch_size_to_tensorboard)
-            interval_loss, interval_start, skipped, nans = 0.0, time.time(), 0, 0
+            interval.reset()
         if valid_iterator is not None and iteration % training.eval_interval == 0:
+            interval.pause()  # evaluation is not training time
             valid_loss = evaluate(model, valid_iterator, config)
             consumed_valid_samples += training.eval_iters * training.global_batch_size
             result.validation_losses[iteration] = valid_loss
@@ -389,7 +388,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                 writer.log_validation(iteration, result.consumed_train_samples,
                                       {"lm loss": valid_loss},
                                       log_ppl=training.log_validation_ppl_to_tensorboard)
-            interval_start = time.time()  # evaluation time is not training time
+            interval.resume()
         checkpoint = config.checkpoint
         if checkpoint.save and checkpoint.save_interval and iteration % checkpoint.save_interval == 0:
             save(iteration)

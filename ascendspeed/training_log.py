@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,50 @@ def measure_throughput(*, flops_per_iteration: float, tokens_per_iteration: int,
     return Throughput(tokens_per_second=tokens_per_iteration / seconds_per_iteration,
                       tflops_per_device=per_device / 1e12,
                       mfu=per_device / peak_flops if peak_flops else None)
+
+
+# ---------------------------------------------------------------------------------- intervals
+class LogInterval:
+    """What one log interval accumulated, counted as Megatron-LM's training_log counts it: the
+    iterations this run actually trained since the last line (a resumed run's first interval is
+    short), the skipped (fp16 overflow) and NaN ones among them, the loss summed over the ones
+    that stepped, and the training time (paused for evaluation and checkpoint saves)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.iterations = self.skipped = self.nans = 0
+        self._loss_sum = 0.0
+        self._elapsed = 0.0
+        self._started: float | None = self._clock()
+
+    def add(self, loss: float, updated: bool) -> None:
+        self.iterations += 1
+        self.skipped += 0 if updated else 1
+        self.nans += 0 if math.isfinite(loss) else 1
+        if updated:  # Megatron averages the loss over the iterations that stepped
+            self._loss_sum += loss
+
+    def pause(self) -> None:
+        if self._started is not None:
+            self._elapsed += self._clock() - self._started
+            self._started = None
+
+    def resume(self) -> None:
+        if self._started is None:
+            self._started = self._clock()
+
+    def seconds_per_iteration(self) -> float:
+        running = self._clock() - self._started if self._started is not None else 0.0
+        return (self._elapsed + running) / max(1, self.iterations)
+
+    def mean_losses(self, name: str = "lm loss") -> dict[str, float]:
+        """{name: mean}, or {} when every step of the interval was skipped (Megatron prints no
+        loss then)."""
+        stepped = self.iterations - self.skipped
+        return {name: self._loss_sum / stepped} if stepped else {}
 
 
 # ---------------------------------------------------------------------------------- log lines

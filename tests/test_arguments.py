@@ -3,8 +3,9 @@ import argparse
 
 import pytest
 
-from ascendspeed.arguments import (ConfigError, DataConfig, TokenizerConfig, add_data_args,
-                                   add_tokenizer_args, resolve_weighted_split_paths)
+from ascendspeed.arguments import (DataConfig, TokenizerConfig, add_data_args, add_tokenizer_args,
+                                   resolve_weighted_split_paths)
+from ascendspeed.errors import ConfigError
 
 
 def parse(*argv):

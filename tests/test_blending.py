@@ -6,10 +6,10 @@ import pytest
 
 import megatron_reference as ref
 from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_prefix
-from ascendspeed.data.gpt_dataset import (DatasetConfigError, build_dataset_group,
-                                          build_train_valid_test_datasets,
-                                          parse_weighted_split_paths)
+from ascendspeed.data.builders import (build_dataset_group, build_train_valid_test_datasets,
+                                       parse_weighted_split_paths)
 from ascendspeed.data.index_helpers import build_blending_indices
+from ascendspeed.errors import DatasetError
 
 
 def test_spec_blend_vector(megatron_fixture, tmp_path):
@@ -55,7 +55,7 @@ def test_blending_indices_equal_reference(weights, size):
     ([], "empty"),
 ])
 def test_bad_data_path(data_path, message):
-    with pytest.raises(DatasetConfigError, match=message):
+    with pytest.raises(DatasetError, match=message):
         parse_data_prefix(data_path, [10, 1, 1])
 
 
@@ -94,10 +94,10 @@ def test_weighted_split_paths_single_prefix(megatron_fixture, tmp_path):
 @pytest.mark.parametrize("value,message", [("no colon here", "expected 'NAME: WEIGHT"),
                                            ("N: 1 0:1", "each dataset must be")])
 def test_bad_weighted_split_paths(value, message):
-    with pytest.raises(DatasetConfigError, match=message):
+    with pytest.raises(DatasetError, match=message):
         parse_weighted_split_paths([value], "--valid-weighted-split-paths")
 
 
 def test_only_one_train_group():
-    with pytest.raises(DatasetConfigError, match="only one dataset group"):
+    with pytest.raises(DatasetError, match="only one dataset group"):
         parse_weighted_split_paths(["A: 1 0:1 x", "B: 1 0:1 y"], "--train-weighted-split-paths")

@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers
 
-from ascendspeed.core.parallel_state import ParallelLayoutError, rank_groups
+from ascendspeed.core.parallel_state import rank_groups
+from ascendspeed.errors import ParallelLayoutError
 from ascendspeed.model.bloom import BloomConfig, BloomModel, alibi_slopes, bloom_gelu
 from ascendspeed.model.hf_bloom import shard_from_hf
 

@@ -9,7 +9,8 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 import ascendspeed.checkpoint_megatron_deepspeed as mds
-from ascendspeed.checkpoint_megatron_deepspeed import MegatronDeepSpeedError, MegatronDeepSpeedSource
+from ascendspeed.checkpoint_megatron_deepspeed import MegatronDeepSpeedSource
+from ascendspeed.errors import MegatronDeepSpeedError
 from megatron_deepspeed_fixture import write_megatron_deepspeed_checkpoint
 
 VOCAB, HIDDEN, HEADS, LAYERS = 256, 32, 4, 3

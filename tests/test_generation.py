@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "dist"))
 from generation_worker import (HEADS, HIDDEN, LAYERS, PROMPTS, RUNS, VOCAB, run_all,  # noqa: E402
                                stage_from_hf)
 
-from ascendspeed.generation import (PromptError, SamplingParams, StageRunner, generate_text,  # noqa: E402
-                                    generate_tokens)
+from ascendspeed.errors import PromptError  # noqa: E402
+from ascendspeed.generation import SamplingParams, StageRunner, generate_text, generate_tokens
 from ascendspeed.generation.generate import left_pad  # noqa: E402
 from ascendspeed.generation.sampling import sample, top_k_filter, top_p_filter  # noqa: E402
 from ascendspeed.model.bloom import InferenceCache  # noqa: E402

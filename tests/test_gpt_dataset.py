@@ -10,10 +10,10 @@ import pytest
 
 import megatron_reference as ref
 from ascendspeed.data import index_cache, index_helpers
-from ascendspeed.data.gpt_dataset import (DatasetConfigError, GPTDataset,
-                                          build_train_valid_test_datasets,
-                                          compute_index_mappings, get_train_valid_test_split_,
-                                          plan_index_mappings)
+from ascendspeed.data.builders import build_train_valid_test_datasets
+from ascendspeed.data.gpt_dataset import (GPTDataset, compute_index_mappings,
+                                          get_train_valid_test_split_, plan_index_mappings)
+from ascendspeed.errors import DatasetError
 from megatron_ext.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
 ARRAYS = ("doc_idx", "sample_idx", "shuffle_idx")
@@ -155,14 +155,14 @@ def test_split_syntaxes_match_reference(split):
 @pytest.mark.parametrize("split,message", [("a,b,c", "expected up to three numbers"),
                                            ("0,0,0", "sum to 0"), ("-1,2,0", ">= 0")])
 def test_bad_split_strings(split, message):
-    with pytest.raises(DatasetConfigError, match=message):
+    with pytest.raises(DatasetError, match=message):
         get_train_valid_test_split_(split, 100)
 
 
 # ---------------------------------------------------------------------------------- bad input
 def test_split_too_small_for_one_sample_says_what_to_change(megatron_fixture, tmp_path):
     # The test split is a single 758-token document; asking it for samples at seq 1024 fails.
-    with pytest.raises(DatasetConfigError) as error:
+    with pytest.raises(DatasetError) as error:
         build(megatron_fixture, tmp_path, [100, 10, 5])
     message = str(error.value)
     assert "test split" in message and "758 tokens" in message
@@ -177,7 +177,7 @@ def test_empty_split_tokens(tmp_path):
         builder.add_item([])
         builder.end_document()
     builder.finalize(prefix + ".idx")
-    with pytest.raises(DatasetConfigError, match="hold no tokens"):
+    with pytest.raises(DatasetError, match="hold no tokens"):
         build(prefix, tmp_path, [5, 0, 0], 8, split="100")
 
 

@@ -59,7 +59,7 @@ def test_dtype_mismatch_is_refused(tmp_path, shards, capsys):
     builder.end_document()
     builder.finalize(str(tmp_path / "wide.idx"))
     out = tmp_path / "out"
-    assert merge_datasets.main(["--input", a, str(tmp_path / "wide"), "--output-prefix", str(out / "m")]) == 1
+    assert merge_datasets.main(["--input", a, str(tmp_path / "wide"), "--output-prefix", str(out / "m")]) == 2
     err = capsys.readouterr().err
     assert "different token dtypes" in err and f"{a} (uint16)" in err and "wide (int32)" in err
     assert not out.exists() or list(out.iterdir()) == []
@@ -67,10 +67,10 @@ def test_dtype_mismatch_is_refused(tmp_path, shards, capsys):
 
 def test_missing_input_is_named(tmp_path, capsys):
     assert merge_datasets.main(["--input", str(tmp_path / "nope"), "--output-prefix",
-                                str(tmp_path / "m")]) == 1
+                                str(tmp_path / "m")]) == 2
     assert f"--input {tmp_path / 'nope'}: neither a directory nor a dataset prefix" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert merge_datasets.main(["--input", str(tmp_path / "empty"), "--output-prefix",
-                                str(tmp_path / "m")]) == 1
+                                str(tmp_path / "m")]) == 2
     assert "holds no .bin/.idx pair" in capsys.readouterr().err
     assert not (tmp_path / "m.bin").exists() and not (tmp_path / "m.idx").exists()

@@ -1,10 +1,9 @@
 """Which layers each pipeline stage and virtual chunk holds, and the layouts that are refused."""
 import pytest
 
-from ascendspeed.arguments import ConfigError
-from ascendspeed.core.pipeline_parallel.partition import (PipelinePartitionError,
-                                                          deepspeed_partition, partition_balanced,
+from ascendspeed.core.pipeline_parallel.partition import (deepspeed_partition, partition_balanced,
                                                           stage_layout, validate_pipeline)
+from ascendspeed.errors import ConfigError, PipelinePartitionError
 
 TYPE = "type:transformer|embedding"
 

@@ -154,7 +154,7 @@ def test_bad_line_is_named_and_leaves_nothing(tmp_path, hf_dir, capsys, bad, rea
     good = [json.dumps({"text": d}) for d in generated_docs(1200, seed=4)]
     path = write_jsonl(tmp_path / "in.jsonl", good[:1100] + [bad] + good[1100:])  # 2nd batch
     out = tmp_path / "out"
-    assert run(path, out / "ds", hf_dir, "--append-eod", "--workers", workers) == 1
+    assert run(path, out / "ds", hf_dir, "--append-eod", "--workers", workers) == 2
     err = capsys.readouterr().err
     assert f"{path}:1101: {reason}" in err and "--skip-bad-lines" in err
     assert list(out.iterdir()) == []
@@ -173,11 +173,11 @@ def test_skip_bad_lines_counts_them(tmp_path, hf_dir, capsys):
 
 
 def test_missing_input_and_corrupt_archive(tmp_path, hf_dir, capsys):
-    assert run(str(tmp_path / "absent.jsonl"), tmp_path / "out" / "x", hf_dir) == 1
+    assert run(str(tmp_path / "absent.jsonl"), tmp_path / "out" / "x", hf_dir) == 2
     assert f"--input {tmp_path / 'absent.jsonl'}: file not found" in capsys.readouterr().err
     data = gzip.compress(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in generated_docs(3000)))
     (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
-    assert run(str(tmp_path / "cut.jsonl.gz"), tmp_path / "out" / "x", hf_dir) == 1
+    assert run(str(tmp_path / "cut.jsonl.gz"), tmp_path / "out" / "x", hf_dir) == 2
     assert f"{tmp_path / 'cut.jsonl.gz'}: cannot read" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -188,7 +188,7 @@ def test_token_id_outside_vocab_is_an_error(tmp_path, hf_dir, capsys, monkeypatc
     limit = max(tokenizer.tokenize("a")) + 1  # line 1 fits, line 2 holds a larger id
     assert max(tokenizer.tokenize("the king and the queen")) >= limit
     monkeypatch.setattr(preprocess_data, "build_tokenizer", lambda config: _VocabSize(tokenizer, limit))
-    assert run(path, tmp_path / "out" / "x", hf_dir) == 1
+    assert run(path, tmp_path / "out" / "x", hf_dir) == 2
     err = capsys.readouterr().err
     assert f"{path}:2: key 'text': token id" in err and f"outside the vocabulary [0, {limit})" in err
     assert list((tmp_path / "out").iterdir()) == []
@@ -199,7 +199,7 @@ def test_append_eod_needs_an_eod(tmp_path, hf_dir, capsys, monkeypatch):
     monkeypatch.setattr(preprocess_data, "build_tokenizer",
                         lambda config: type("NoEod", (_VocabSize,), {"eod": None})(real(config), 400))
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
-    assert run(path, tmp_path / "x", hf_dir, "--append-eod") == 1
+    assert run(path, tmp_path / "x", hf_dir, "--append-eod") == 2
     assert "--append-eod" in capsys.readouterr().err
 
 

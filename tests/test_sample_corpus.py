@@ -106,6 +106,6 @@ def test_train_tokenizer_is_deterministic_and_loadable(tmp_path):
 
 def test_train_tokenizer_bad_input(tmp_path, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a"}, '{"text": 1}'])
-    assert train_tokenizer.main(["--input", path, "--output-dir", str(tmp_path / "t")]) == 1
+    assert train_tokenizer.main(["--input", path, "--output-dir", str(tmp_path / "t")]) == 2
     assert f"{path}:2: expected a string under key 'text'" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

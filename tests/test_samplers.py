@@ -68,7 +68,7 @@ def test_bad_sampler_arguments(args, message):
 
 
 def test_data_loader_collates_text_batches(megatron_fixture, tmp_path):
-    from ascendspeed.data.gpt_dataset import build_train_valid_test_datasets
+    from ascendspeed.data.builders import build_train_valid_test_datasets
 
     train, _, _ = build_train_valid_test_datasets([megatron_fixture], "969, 30, 1", [64, 0, 0], 128,
                                                   1234, data_cache_path=str(tmp_path))

@@ -5,10 +5,11 @@ import random
 import numpy as np
 import pytest
 
-from ascendspeed.arguments import ConfigError, TokenizerConfig
+from ascendspeed.arguments import TokenizerConfig
 from ascendspeed.data.tokenizer import (GPT2BPETokenizer, GPTSentencePieceTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, build_tokenizer,
                                         vocab_size_with_padding)
+from ascendspeed.errors import ConfigError
 from megatron_ext.indexed_dataset import MMapIndexedDataset
 from tokenizer_helpers import (FIXTURE_DIR, GPT2_MERGES, GPT2_VOCAB, ReferenceGPT2BPE,
                                generated_docs, train_hf_tokenizer, train_sentencepiece)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from ascendspeed.arguments import (NOT_YET_SUPPORTED, ConfigError, ModelConfig, PretrainConfig,
-                                   build_parser, parse_args)
+from ascendspeed.arguments import (NOT_YET_SUPPORTED, ModelConfig, PretrainConfig, build_parser,
+                                   parse_args)
+from ascendspeed.errors import ConfigError
 
 
 @pytest.fixture

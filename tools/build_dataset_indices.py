@@ -16,10 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import (ConfigError, DataConfig, TokenizerConfig,  # noqa: E402
-                                   add_data_args, add_tokenizer_args, resolve_weighted_split_paths)
-from ascendspeed.data.gpt_dataset import SPLIT_NAMES, DatasetConfigError, build_datasets  # noqa: E402
-from megatron_ext.indexed_dataset import IndexedDatasetError  # noqa: E402
+from ascendspeed.arguments import (DataConfig, TokenizerConfig, add_data_args,  # noqa: E402
+                                   add_tokenizer_args, resolve_weighted_split_paths)
+from ascendspeed.data.builders import build_datasets  # noqa: E402
+from ascendspeed.data.gpt_dataset import SPLIT_NAMES  # noqa: E402
+from ascendspeed.errors import AscendSpeedError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         datasets = build(args)
-    except (ConfigError, DatasetConfigError, IndexedDatasetError) as error:
+    except AscendSpeedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -25,11 +25,10 @@ import sys
 if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py`: the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import ConfigError  # noqa: E402
-from ascendspeed.checkpoint_convert import (DTYPES, ConvertError, HFDirectorySource,  # noqa: E402
-                                            hf_to_megatron, megatron_to_hf)
-from ascendspeed.checkpoint_reshard import ReshardError  # noqa: E402
-from ascendspeed.checkpointing import CheckpointError  # noqa: E402
+from ascendspeed.checkpoint_convert import (DTYPES, HFDirectorySource, hf_to_megatron,  # noqa: E402
+                                            megatron_to_hf)
+from ascendspeed.checkpoint_megatron_deepspeed import MegatronDeepSpeedSource  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, ConvertError, error_line  # noqa: E402
 
 PROG = "convert_checkpoint.py"
 
@@ -75,17 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _megatron_deepspeed_to_ours(args, log) -> str:
-    try:  # written separately; imported only when asked for
-        from ascendspeed import checkpoint_megatron_deepspeed as deepspeed
-    except ImportError as error:
-        raise ConvertError(f"the megatron-deepspeed reader is not available ({error})") from None
-    failure = getattr(deepspeed, "MegatronDeepSpeedError", RuntimeError)
     try:
-        source = deepspeed.MegatronDeepSpeedSource(args.input)
-        return _to_ours(source, args, log)
-    except (ConvertError, ReshardError, CheckpointError, ConfigError):
-        raise
-    except (failure, OSError) as error:  # the reader's own errors name the file
+        return _to_ours(MegatronDeepSpeedSource(args.input), args, log)
+    except OSError as error:  # the reader's I/O errors name the file
         raise ConvertError(str(error)) from None
 
 
@@ -111,9 +102,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         convert(args, log=lambda message: print(message, flush=True))
-    except (ConvertError, ReshardError, CheckpointError, ConfigError) as error:
-        message = " ".join(str(error).split())  # one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except AscendSpeedError as error:
+        print(f"{PROG}: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,7 +21,8 @@ import sys
 if __package__ in (None, ""):  # run as `python tools/convert_tp.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.checkpoint_reshard import ReshardError, reshard  # noqa: E402
+from ascendspeed.checkpoint_reshard import reshard  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, error_line  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
                 iteration=args.iteration,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 pad_vocab_size_to=args.pad_vocab_size_to, log=lambda m: print(m, flush=True))
-    except ReshardError as error:
-        print(f"convert_tp.py: error: {error}", file=sys.stderr)
+    except AscendSpeedError as error:
+        print(f"convert_tp.py: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,8 +28,8 @@ import time
 if __package__ in (None, ""):  # run as `python tools/evaluate.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import ConfigError, parse_args  # noqa: E402
-from ascendspeed.checkpointing import CheckpointError  # noqa: E402
+from ascendspeed.arguments import parse_args  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, ConfigError, error_line  # noqa: E402
 
 TASKS = ("perplexity", "lambada", "multiple-choice")
 RANK = int(os.environ.get("RANK", "0"))
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         check_flags(args)
         setup = prepare(args, world_size(), log)
         data = read_input(args, setup.tokenizer)
-    except (ConfigError, CheckpointError) as error:  # before any process group: nothing can hang
-        log(f"error: {' '.join(str(error).split())}")
+    except AscendSpeedError as error:  # before any process group: nothing can hang
+        log(error_line(error))
         return 2
 
     from ascendspeed.evaluation.scoring import Scorer
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
         scorer = Scorer(load_stage(setup, log), batch_size=args.micro_batch_size or 8,
                         max_length=setup.context_length)
         run(args, setup, scorer, data)
-    except (CheckpointError, ValueError) as error:  # every rank raises it alike
-        log(f"error: {' '.join(str(error).split())}")
+    except AscendSpeedError as error:  # every rank raises it alike
+        log(error_line(error))
         status = 2
     stop_processes()
     return status

@@ -19,6 +19,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python tools/merge_datasets.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ascendspeed.errors import error_line  # noqa: E402
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDataset,  # noqa: E402
                                           MMapIndexedDatasetBuilder, data_file_path, dataset_exists,
                                           index_file_path)
@@ -78,9 +79,9 @@ def main(argv=None) -> int:
     try:
         prefixes = expand_inputs(args.input, args.output_prefix)
         counts = merge(prefixes, args.output_prefix)
-    except (IndexedDatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (IndexedDatasetError, OSError) as error:  # megatron_ext's errors: the format library's
+        print(error_line(error), file=sys.stderr)
+        return 2
     print(f"merged {counts['datasets']} datasets into {args.output_prefix}.{{bin,idx}}: "
           f"{counts['documents']} documents, {counts['sequences']} sequences, {counts['tokens']} tokens")
     return 0

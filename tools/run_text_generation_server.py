@@ -21,8 +21,8 @@ from datetime import timedelta
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.arguments import ConfigError, parse_args  # noqa: E402
-from ascendspeed.checkpointing import CheckpointError  # noqa: E402
+from ascendspeed.arguments import parse_args  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, ConfigError, error_line  # noqa: E402
 from ascendspeed.generation.launch import rank, start_processes, world_size  # noqa: E402
 from ascendspeed.generation.server import ServerConfig, add_server_args  # noqa: E402
 
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("flask") is None:
             raise ConfigError("the server needs Flask: pip install flask")
         setup = prepare(args, world_size(), log)
-    except (ConfigError, CheckpointError) as error:  # before any process group: nothing can hang
-        log(f"error: {error}")
+    except AscendSpeedError as error:  # before any process group: nothing can hang
+        log(error_line(error))
         return 2
 
     import torch.distributed as dist
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
             dist.barrier()
         log(" > server stopped")
         return status
-    except CheckpointError as error:
-        log(f"error: {error}")
+    except AscendSpeedError as error:
+        log(error_line(error))
         return 2
     except KeyboardInterrupt:  # a signal before serving began (STOP was sent)
         return 0

@@ -17,6 +17,11 @@ import shutil
 import sys
 import tempfile
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ascendspeed.errors import AscendSpeedError, PreprocessError, error_line  # noqa: E402
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
@@ -29,11 +34,11 @@ def iter_texts(path: str, json_keys):
             try:
                 record = json.loads(line)
             except ValueError as error:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({error})") from error
+                raise PreprocessError(f"{path}:{lineno}: not valid JSON ({error})") from error
             for key in json_keys:
                 value = record.get(key) if isinstance(record, dict) else None
                 if not isinstance(value, str):
-                    raise ValueError(f"{path}:{lineno}: expected a string under key {key!r}")
+                    raise PreprocessError(f"{path}:{lineno}: expected a string under key {key!r}")
                 yield value
 
 
@@ -98,12 +103,12 @@ def main(argv=None) -> int:
                      f"{len(SPECIAL_TOKENS)} special tokens")
     if not os.path.isfile(args.input):
         print(f"error: --input {args.input}: file not found", file=sys.stderr)
-        return 1
+        return 2
     try:
         tokenizer = train(iter_texts(args.input, args.json_keys), args.vocab_size)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except AscendSpeedError as error:
+        print(error_line(error), file=sys.stderr)
+        return 2
     for i, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == i, (token, tokenizer.token_to_id(token))
     save(tokenizer, args.output_dir)

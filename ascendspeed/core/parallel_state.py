@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from ascendspeed.errors import ParallelLayoutError
+
 _TP_GROUP = None
 _PP_GROUP = None
 _DP_GROUP = None
@@ -17,10 +19,6 @@ _EMBEDDING_GROUP = None
 _TP_RANKS: list[int] | None = None
 _PP_RANKS: list[int] | None = None
 _DP_RANKS: list[int] | None = None
-
-
-class ParallelLayoutError(ValueError):
-    pass
 
 
 def rank_groups(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ascendspeed.data import index_helpers
-from ascendspeed.data.gpt_dataset import DatasetConfigError
+from ascendspeed.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,11 @@ def parse_data_prefix(data_prefix, train_valid_test_num_samples):
         data_prefix = [data_prefix]
     data_prefix = list(data_prefix)
     if not data_prefix:
-        raise DatasetConfigError("--data-path is empty; give a dataset prefix or 'W1 P1 W2 P2 ...'")
+        raise DatasetError("--data-path is empty; give a dataset prefix or 'W1 P1 W2 P2 ...'")
     if len(data_prefix) == 1:
         return data_prefix, None, None
     if len(data_prefix) % 2 != 0:
-        raise DatasetConfigError(
+        raise DatasetError(
             f"--data-path has {len(data_prefix)} entries; a blend needs pairs 'WEIGHT PREFIX' "
             f"(got {' '.join(map(str, data_prefix))})")
     weights = []
@@ -37,10 +37,10 @@ def parse_data_prefix(data_prefix, train_valid_test_num_samples):
         try:
             value = float(weight)
         except (TypeError, ValueError):
-            raise DatasetConfigError(f"--data-path: weight {weight!r} for {prefix} is not a number "
+            raise DatasetError(f"--data-path: weight {weight!r} for {prefix} is not a number "
                                      f"(expected 'WEIGHT PREFIX' pairs)") from None
         if not math.isfinite(value) or value < 0:
-            raise DatasetConfigError(f"--data-path: weight {weight!r} for {prefix} must be a "
+            raise DatasetError(f"--data-path: weight {weight!r} for {prefix} must be a "
                                      f"finite number >= 0")
         weights.append(value)
     prefixes = [str(p).strip() for p in data_prefix[1::2]]
@@ -48,7 +48,7 @@ def parse_data_prefix(data_prefix, train_valid_test_num_samples):
     for weight in weights:  # summed left to right, like Megatron, for bit-identical shares
         weight_sum += weight
     if not weight_sum > 0.0:
-        raise DatasetConfigError(f"--data-path: the weights {data_prefix[0::2]} sum to 0")
+        raise DatasetError(f"--data-path: the weights {data_prefix[0::2]} sum to 0")
     weights = [weight / weight_sum for weight in weights]
     per_dataset = [[int(math.ceil(val * weight * BLEND_MARGIN)) for val in train_valid_test_num_samples]
                    for weight in weights]
@@ -60,15 +60,15 @@ class BlendableDataset(torch.utils.data.Dataset):
 
     def __init__(self, datasets, weights):
         if len(datasets) != len(weights):
-            raise DatasetConfigError(f"{len(datasets)} datasets but {len(weights)} weights")
+            raise DatasetError(f"{len(datasets)} datasets but {len(weights)} weights")
         if not 0 < len(datasets) < 255:
-            raise DatasetConfigError(f"a blend holds 1 to 254 datasets, got {len(datasets)}")
+            raise DatasetError(f"a blend holds 1 to 254 datasets, got {len(datasets)}")
         self.datasets = list(datasets)
         self.size = sum(len(dataset) for dataset in self.datasets)  # all components, in full
         weights = np.array(weights, dtype=np.float64)
         sum_weights = np.sum(weights)
         if not sum_weights > 0.0:
-            raise DatasetConfigError(f"blend weights {weights.tolist()} sum to 0")
+            raise DatasetError(f"blend weights {weights.tolist()} sum to 0")
         weights /= sum_weights
         self.weights = weights
         start = time.time()

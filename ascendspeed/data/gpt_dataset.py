@@ -13,17 +13,14 @@ import numpy as np
 import torch
 
 from ascendspeed.data import index_cache, index_helpers
-from megatron_ext.indexed_dataset import MMapIndexedDataset, make_dataset
+from ascendspeed.errors import DatasetError
+from megatron_ext.indexed_dataset import MMapIndexedDataset
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 BIGSCIENCE_CUTOFF_LAST_EPOCH = 0.95  # the fork that trained BLOOM
 MEGATRON_LM_CUTOFF_LAST_EPOCH = 0.80  # NVIDIA Megatron-LM, Microsoft Megatron-DeepSpeed, AscendSpeed 2023
-
-
-class DatasetConfigError(ValueError):
-    """Data flags that cannot produce the requested samples; the message says what to change."""
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -34,14 +31,14 @@ def parse_split_string(splits_string: str) -> list[float]:
     try:
         splits = [float(piece) for piece in pieces]
     except ValueError:
-        raise DatasetConfigError(f"--split {splits_string!r}: expected up to three numbers such as "
+        raise DatasetError(f"--split {splits_string!r}: expected up to three numbers such as "
                                  f"'969, 30, 1'") from None
     if any(s < 0 or math.isnan(s) for s in splits):
-        raise DatasetConfigError(f"--split {splits_string!r}: proportions must be >= 0")
+        raise DatasetError(f"--split {splits_string!r}: proportions must be >= 0")
     splits = (splits + [0.0, 0.0, 0.0])[:3]
     total = sum(splits)
     if not total > 0.0:
-        raise DatasetConfigError(f"--split {splits_string!r}: proportions sum to 0")
+        raise DatasetError(f"--split {splits_string!r}: proportions sum to 0")
     return [split / total for split in splits]
 
 
@@ -64,9 +61,9 @@ def get_split_by_range_(range_string: str, size: int) -> list[int]:
     try:
         start, end = (float(piece) for piece in range_string.split(":"))
     except ValueError:
-        raise DatasetConfigError(f"range {range_string!r}: expected START:END, e.g. 0:0.95") from None
+        raise DatasetError(f"range {range_string!r}: expected START:END, e.g. 0:0.95") from None
     if not (0.0 <= start < end <= 1.0):
-        raise DatasetConfigError(f"range {range_string!r}: need 0 <= START < END <= 1")
+        raise DatasetError(f"range {range_string!r}: need 0 <= START < END <= 1")
     return [round(start * float(size)), round(end * float(size))]
 
 
@@ -84,9 +81,9 @@ class IndexPlan:
 def plan_index_mappings(tokens_per_epoch: int, num_samples: int, seq_length: int,
                         cutoff_last_epoch: float, where: str) -> IndexPlan:
     if num_samples < 0:
-        raise DatasetConfigError(f"{where}: negative sample count {num_samples}")
+        raise DatasetError(f"{where}: negative sample count {num_samples}")
     if tokens_per_epoch <= 0 and num_samples > 0:
-        raise DatasetConfigError(
+        raise DatasetError(
             f"{where}: its documents hold no tokens, so it cannot give the {num_samples} samples "
             f"asked for; give this split documents (--split) or request no samples from it")
     # Smallest E >= 1 with floor((E*T - 1) / L) >= num_samples (one token is shared by neighbours).
@@ -98,7 +95,7 @@ def plan_index_mappings(tokens_per_epoch: int, num_samples: int, seq_length: int
     last_epoch_samples = num_samples - samples_before_last
     samples_per_epoch = (tokens_per_epoch - 1) // seq_length
     if samples_per_epoch == 0:
-        raise DatasetConfigError(
+        raise DatasetError(
             f"{where}: one epoch holds {tokens_per_epoch} tokens, less than one sample of "
             f"--seq-length + 1 = {seq_length + 1} tokens, so {num_samples} samples cannot be cut "
             f"from it; use a shorter --seq-length, give this split more documents (--split), or "
@@ -170,7 +167,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         documents = np.asarray(documents, dtype=np.int32)
         if len(documents) == 0 or documents[0] < 0 or documents[-1] >= len(indexed_dataset.sizes):
-            raise DatasetConfigError(f"{data_prefix}: {name} documents must be a non-empty range "
+            raise DatasetError(f"{data_prefix}: {name} documents must be a non-empty range "
                                      f"of the dataset's {len(indexed_dataset.sizes)} sequences")
         self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings(
             name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
@@ -241,119 +238,3 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
     logger.info("    %s: total number of samples %d, epochs %d", name, plan.total_samples,
                 plan.num_epochs)
     return arrays["doc_idx"], arrays["sample_idx"], arrays["shuffle_idx"]
-
-
-# ---------------------------------------------------------------------------------- builders
-def build_train_valid_test_datasets(data_prefix, splits_string: str,
-                                    train_valid_test_num_samples, seq_length: int, seed: int, *,
-                                    data_impl: str = "mmap", skip_warmup: bool = True,
-                                    cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                                    data_cache_path: str | None = None, build_group=None):
-    """(train, valid, test) datasets for `--data-path PREFIX` or a blend `W1 P1 W2 P2 ...`;
-    a split with no documents gives None."""
-    from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_prefix
-
-    options = dict(data_impl=data_impl, skip_warmup=skip_warmup, cutoff_last_epoch=cutoff_last_epoch,
-                   data_cache_path=data_cache_path, build_group=build_group)
-    prefixes, weights, per_dataset_num_samples = parse_data_prefix(
-        data_prefix, train_valid_test_num_samples)
-    if weights is None:
-        return _build_splits(prefixes[0], splits_string, train_valid_test_num_samples, seq_length,
-                             seed, **options)
-    components = [_build_splits(prefix, splits_string, num_samples, seq_length, seed, **options)
-                  for prefix, num_samples in zip(prefixes, per_dataset_num_samples)]
-    return tuple(BlendableDataset.from_components([c[split] for c in components], weights)
-                 for split in range(3))
-
-
-def _build_splits(data_prefix: str, splits_string: str, train_valid_test_num_samples,
-                  seq_length: int, seed: int, *, data_impl, skip_warmup, **options):
-    indexed_dataset = make_dataset(data_prefix, data_impl, skip_warmup)
-    total = indexed_dataset.sizes.shape[0]  # GPT counts sequences, not doc_idx documents
-    splits = get_train_valid_test_split_(splits_string, total)
-    logger.info(" > dataset split of %s (%d sequences): %s", data_prefix, total,
-                ", ".join(f"{n} [{splits[i]}, {splits[i + 1]})" for i, n in enumerate(SPLIT_NAMES)))
-    datasets = []
-    for index, name in enumerate(SPLIT_NAMES):
-        dataset = None
-        if splits[index + 1] > splits[index]:
-            documents = np.arange(splits[index], splits[index + 1], dtype=np.int32)
-            dataset = GPTDataset(name, data_prefix, documents, indexed_dataset,
-                                 train_valid_test_num_samples[index], seq_length, seed, **options)
-        datasets.append(dataset)
-    return tuple(datasets)
-
-
-def build_dataset_group(dataset_group_name: str, paths, weights, splits,
-                        train_valid_test_num_samples, seq_length: int, seed: int,
-                        train_valid_test: str, *, data_impl: str = "mmap",
-                        skip_warmup: bool = True,
-                        cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                        data_cache_path: str | None = None, build_group=None):
-    """One named group of BigScience's `--{train,valid,test}-weighted-split-paths`:
-    each prefix contributes documents [round(START*N), round(END*N)) and the group is blended."""
-    from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_prefix
-
-    index = SPLIT_NAMES.index(train_valid_test)
-    options = dict(cutoff_last_epoch=cutoff_last_epoch, data_cache_path=data_cache_path,
-                   build_group=build_group)
-
-    def single(prefix, range_string, num_samples):
-        indexed_dataset = make_dataset(prefix, data_impl, skip_warmup)
-        start, end = get_split_by_range_(range_string, indexed_dataset.sizes.shape[0])
-        if end <= start:
-            return None
-        documents = np.arange(start, end, dtype=np.int32)
-        return GPTDataset(dataset_group_name, prefix, documents, indexed_dataset,
-                          num_samples[index], seq_length, seed, **options)
-
-    if len(paths) == 1:
-        return single(paths[0], splits[0], train_valid_test_num_samples)
-    data_prefix = [item for pair in zip(weights, paths) for item in pair]
-    prefixes, normalized, per_dataset = parse_data_prefix(data_prefix, train_valid_test_num_samples)
-    datasets = [single(p, s, n) for p, s, n in zip(prefixes, splits, per_dataset)]
-    return BlendableDataset.from_components(datasets, normalized)
-
-
-def parse_weighted_split_paths(values, flag: str):
-    """BigScience's 'NAME: W1 S1:E1 P1, W2 S2:E2 P2' -> [(name, weights, splits, paths)]."""
-    groups = []
-    for value in values:
-        if ":" not in value:
-            raise DatasetConfigError(f"{flag} {value!r}: expected 'NAME: WEIGHT START:END PREFIX, ...'")
-        name, rest = value.split(":", 1)
-        weights, splits, paths = [], [], []
-        for entry in rest.split(","):
-            parts = entry.split()
-            if len(parts) != 3:
-                raise DatasetConfigError(f"{flag} {value!r}: each dataset must be 'WEIGHT "
-                                         f"START:END PREFIX', got {entry.strip()!r}")
-            weights.append(parts[0])
-            splits.append(parts[1])
-            paths.append(parts[2])
-        groups.append((name.strip(), weights, splits, paths))
-    if flag.startswith("--train") and len(groups) > 1:
-        raise DatasetConfigError(f"{flag}: only one dataset group is allowed for training")
-    return groups
-
-
-def build_datasets(config, train_valid_test_num_samples, build_group=None):
-    """(train, valid, test) for a DataConfig: `--data-path` (one prefix or a blend) or BigScience's
-    `--{train,valid,test}-weighted-split-paths` groups. With several groups for a split, that
-    split is a list of datasets."""
-    options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
-                   cutoff_last_epoch=config.cutoff_last_epoch,
-                   data_cache_path=config.data_cache_path, build_group=build_group)
-    if config.data_path:
-        return build_train_valid_test_datasets(list(config.data_path), config.split,
-                                               train_valid_test_num_samples, config.seq_length,
-                                               config.seed, **options)
-    datasets = []
-    for split in SPLIT_NAMES:
-        values = getattr(config, f"{split}_weighted_split_paths")
-        groups = parse_weighted_split_paths(values, f"--{split}-weighted-split-paths") if values else []
-        built = [build_dataset_group(name, paths, weights, splits, train_valid_test_num_samples,
-                                     config.seq_length, config.seed, split, **options)
-                 for name, weights, splits, paths in groups]
-        datasets.append(built[0] if len(built) == 1 else (built or None))
-    return tuple(datasets)

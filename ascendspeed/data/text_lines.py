@@ -2,7 +2,8 @@
 that name the file, the line and the byte instead of a bare UnicodeDecodeError."""
 from __future__ import annotations
 
-from ascendspeed.arguments import ConfigError
+from ascendspeed.errors import ConfigError
+
 
 
 def read_utf8_lines(path: str, name: str | None = None,

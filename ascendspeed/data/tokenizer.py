@@ -18,7 +18,8 @@ import json
 import os
 from functools import cached_property
 
-from ascendspeed.arguments import ConfigError, TokenizerConfig
+from ascendspeed.arguments import TokenizerConfig
+from ascendspeed.errors import ConfigError
 
 
 def build_tokenizer(config: TokenizerConfig):

@@ -1,7 +1,7 @@
 """Evaluation of a checkpoint: loss / perplexity over a token stream, zero-shot tasks from local
 files, and an lm-evaluation-harness model (lm_eval_adapter, imported on its own: it needs the
 optional `lm_eval` package). tools/evaluate.py is the command line."""
-from ascendspeed.evaluation.inputs import EvalInputError
+from ascendspeed.errors import EvalInputError
 from ascendspeed.evaluation.loglikelihood import (encode_pair, loglikelihood,
                                                   loglikelihood_rolling, loglikelihood_tokens)
 from ascendspeed.evaluation.perplexity import PerplexityResult, evaluate_perplexity

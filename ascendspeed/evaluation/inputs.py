@@ -10,14 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ascendspeed.arguments import ConfigError
 from ascendspeed.data.text_lines import read_utf8_lines
+from ascendspeed.errors import EvalInputError
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDataset, data_file_path,
                                           dataset_exists)
-
-
-class EvalInputError(ConfigError):
-    """A missing, unreadable or malformed evaluation input; the message names file and line."""
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:

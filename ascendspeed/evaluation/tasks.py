@@ -15,7 +15,8 @@ from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
 
-from ascendspeed.evaluation.inputs import EvalInputError, field, read_jsonl
+from ascendspeed.errors import EvalInputError
+from ascendspeed.evaluation.inputs import field, read_jsonl
 from ascendspeed.evaluation.loglikelihood import loglikelihood, loglikelihood_tokens
 from ascendspeed.evaluation.scoring import Scorer
 

@@ -24,12 +24,9 @@ from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel import p2p_communication as p2p
 from ascendspeed.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from ascendspeed.errors import PromptError
 from ascendspeed.generation.sampling import SamplingParams, sample
 from ascendspeed.model.bloom import BloomModel, InferenceCache
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be generated from (empty, or too long for the context)."""
 
 
 @dataclass

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ascendspeed import device
-from ascendspeed.arguments import ConfigError, ModelConfig, TokenizerConfig
-from ascendspeed.checkpointing import (CheckpointError, any_rank, apply_checkpoint_args, check_args,
-                                       checkpoint_args, load_model_state_dict, locate_checkpoint,
+from ascendspeed.arguments import ModelConfig, TokenizerConfig
+from ascendspeed.checkpointing import (any_rank, apply_checkpoint_args, check_args, checkpoint_args,
+                                       load_model_state_dict, locate_checkpoint,
                                        read_checkpoint_file, read_tracker, TRACKER_FILENAME)
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.data.tokenizer import build_tokenizer
+from ascendspeed.errors import CheckpointError, ConfigError
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 
 _SHAPE = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ascendspeed import device
-from ascendspeed.arguments import ConfigError
+from ascendspeed.errors import ConfigError, RequestError
 from ascendspeed.generation.generate import (Generation, StageRunner, _cut_at_stop,
                                              generate_tokens)
 from ascendspeed.generation.sampling import SamplingParams
@@ -72,10 +72,6 @@ class ServerConfig:
         return cls(host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
                    max_prompts=args.max_prompts,
                    max_tokens_to_generate=args.max_tokens_to_generate)
-
-
-class RequestError(ValueError):
-    """A request the server refuses (HTTP 400), with a message naming the field."""
 
 
 @dataclass(frozen=True)

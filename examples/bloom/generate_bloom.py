@@ -22,9 +22,9 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ascendspeed.arguments import ConfigError, GenerationConfig, parse_args  # noqa: E402
-from ascendspeed.checkpointing import CheckpointError  # noqa: E402
+from ascendspeed.arguments import GenerationConfig, parse_args  # noqa: E402
 from ascendspeed.data.text_lines import read_utf8_lines  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, ConfigError, PromptError, error_line  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -98,7 +98,6 @@ def interactive(runner, setup, config: GenerationConfig, output: Output) -> None
     """Rank 0 reads a prompt per line from stdin and sends it to the other ranks; EOF ends."""
     import torch.distributed as dist
 
-    from ascendspeed.generation import PromptError
 
     while True:
         line = None
@@ -118,7 +117,7 @@ def interactive(runner, setup, config: GenerationConfig, output: Output) -> None
         try:
             run([line], runner, setup, config, output, stream=True)
         except PromptError as error:  # every rank raises it alike, before any message
-            log(f"error: {error}")
+            log(error_line(error))
 
 
 def main(argv=None) -> int:
@@ -139,8 +138,8 @@ def main(argv=None) -> int:
             if not os.path.isdir(parent):
                 raise ConfigError(f"--sample-output-file {config.sample_output_file}: directory "
                                   f"{parent} does not exist")
-    except (ConfigError, CheckpointError) as error:  # before any process group: nothing can hang
-        log(f"error: {error}")
+    except AscendSpeedError as error:  # before any process group: nothing can hang
+        log(error_line(error))
         return 2
 
     import torch
@@ -162,8 +161,8 @@ def main(argv=None) -> int:
         output.close()
         if dist.is_initialized():
             dist.barrier()
-    except CheckpointError as error:
-        log(f"error: {error}")
+    except AscendSpeedError as error:  # every rank raises it alike (loading agrees on failure)
+        log(error_line(error))
         return 2
     finally:
         torch.set_grad_enabled(grad_was_enabled)

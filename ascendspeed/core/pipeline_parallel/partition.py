@@ -19,7 +19,8 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from ascendspeed.arguments import ConfigError
+from ascendspeed.errors import PipelinePartitionError
+
 
 # GPTModelPipe's specs (Megatron-DeepSpeed, BLOOM branch), by the class/function name that
 # DeepSpeed's PipelineModule._find_layer_type matches the 'type:' regex against.
@@ -28,10 +29,6 @@ _TRANSFORMER_SPEC = "ParallelTransformerLayerPipe"
 _POST_SPECS = ("<lambda>", "MixedFusedLayerNorm", "EmbeddingPipe")  # undo transpose, LN, tied head
 _FP32_CAST_SPEC = "float16_to_fp32"  # appended for fp16/bf16 only
 _EMBEDDING_INDEX = 1
-
-
-class PipelinePartitionError(ConfigError):
-    """A layout the pipeline cannot run; the message names the flags and numbers."""
 
 
 @dataclass(frozen=True)
