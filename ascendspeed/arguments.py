@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from ascendspeed.core.pipeline_parallel.partition import validate_pretrain_config
 from ascendspeed.errors import ConfigError
+from ascendspeed.microbatches import NumMicroBatchesCalculator, train_iters_with_rampup
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "PretrainedFromHF", "SentencePieceTokenizer",
                    "GPTSentencePieceTokenizer")
@@ -398,7 +400,6 @@ NOT_YET_SUPPORTED = (
     ("--deepspeed_config optimizer/scheduler sections",
      lambda a, ds: any(k in (ds or {}) for k in ("optimizer", "scheduler"))
      and "the optimizer and schedule come from the flags"),
-    ("--recompute", lambda a, ds: a.recompute),
     ("--optimizer", lambda a, ds: a.optimizer != "adam" and f"got {a.optimizer}; runs adam"),
 )
 
@@ -408,9 +409,9 @@ ACCEPTED_WITHOUT_EFFECT = (
      "no timers are written to TensorBoard yet"),
     ("--deepspeed", lambda a: a.deepspeed,
      "no DeepSpeed engine: ZeRO stage 0 in fp32 is plain data parallelism"),
-    ("--out-seq-length/--temperature/--top_p/--top_k/--greedy",
-     lambda a: (a.out_seq_length, a.temperature, a.top_p, a.top_k, a.greedy)
-     != (1024, 1.0, 0.0, 0, False) or any(getattr(a, name, None) is not None for name in (
+    ("--out-seq-length/--temperature/--top_p/--top_k/--greedy/--recompute",
+     lambda a: (a.out_seq_length, a.temperature, a.top_p, a.top_k, a.greedy, a.recompute)
+     != (1024, 1.0, 0.0, 0, False, False) or any(getattr(a, name, None) is not None for name in (
          "max_new_tokens", "prompt", "sample_input_file", "sample_output_file", "stop")),
      "text-generation flags; no effect on pretraining"),
 )
@@ -483,7 +484,7 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     embed_layernorm: bool = False
-    position_embedding_type: str = "alibi"
+    position_embedding_type: str = "absolute"  # the parser's (Megatron's) default; refused below
     recompute_granularity: str | None = None  # None | "full" | "selective"
 
     def __post_init__(self):
@@ -515,10 +516,6 @@ class ModelConfig:
             raise ConfigError(f"--layernorm-epsilon must be positive, got {self.layernorm_epsilon}")
         if self.init_method_std <= 0:
             raise ConfigError(f"--init-method-std must be positive, got {self.init_method_std}")
-
-    @property
-    def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelConfig":
@@ -738,8 +735,6 @@ class TrainingConfig:
                 raise ConfigError(f"--train-samples must be >= 1, got {args.train_samples}")
             train_iters = args.train_samples // global_batch
             if rampup is not None:
-                from ascendspeed.microbatches import (NumMicroBatchesCalculator,
-                                                      train_iters_with_rampup)
                 try:
                     calculator = NumMicroBatchesCalculator(global_batch, micro, data_parallel_size,
                                                            rampup)
@@ -1063,7 +1058,6 @@ class PretrainConfig:
         if self.data.seq_length != self.model.seq_length:
             raise ConfigError(f"data seq_length {self.data.seq_length} != model seq_length "
                               f"{self.model.seq_length}")
-        from ascendspeed.core.pipeline_parallel.partition import validate_pretrain_config
         validate_pretrain_config(self)  # the pipeline layout, before any process group
 
     @classmethod

@@ -83,8 +83,10 @@ def test_init_statistics_and_scaled_output_layers():
 
 def test_token_id_outside_padded_vocab_is_an_error():
     model = BloomModel(BloomConfig(vocab_size=128, hidden_size=16, num_layers=1, num_attention_heads=2))
-    with pytest.raises(IndexError, match="outside the padded vocabulary"):
+    with pytest.raises(IndexError, match="token id 128 outside the padded vocabulary"):
         model(torch.tensor([[1, 128]]))
+    with pytest.raises(IndexError, match=r"token id -3 outside the padded vocabulary \[0, 128\)"):
+        model(torch.tensor([[5, 7], [-3, 2]]))  # the bad id is named, not the batch's maximum
 
 
 def test_hidden_not_divisible_by_heads():

@@ -107,7 +107,6 @@ def test_550m_sizes_build(dataset):
                      "--micro-batch-size", "4", "--global-batch-size", "16")
     config = build(argv, world_size=8)
     assert config.parallel.data_parallel_size == 1 and config.training.num_microbatches == 4
-    assert config.model.kv_channels == 64
 
 
 def test_generate_script_flags_parse():
@@ -160,7 +159,6 @@ def test_extra_args_provider():
 
 # ---------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("extra,flag", [
-    (["--recompute"], "--recompute"),
     (["--zero-stage", "2"], "--zero-stage"),
     (["--optimizer", "sgd"], "--optimizer"),
 ])
@@ -171,7 +169,14 @@ def test_features_not_built_are_refused(dataset, extra, flag):
 
 def test_not_yet_supported_is_one_table():
     flags = [flag for flag, _ in NOT_YET_SUPPORTED]
-    assert len(flags) == len(set(flags)) and "--recompute" in flags and "--fp16" not in flags
+    assert len(flags) == len(set(flags)) and "--zero-stage" in flags and "--fp16" not in flags
+
+
+def test_generation_recompute_is_a_generation_flag(dataset):
+    """--recompute (no KV cache) is built for generation; pretraining says it has no effect."""
+    config = build(base_argv(dataset, "--recompute"))
+    assert any("--recompute" in notice and "no effect on pretraining" in notice
+               for notice in config.notices)
 
 
 @pytest.mark.parametrize("ds_kwargs,message", [
@@ -305,7 +310,8 @@ def test_global_batch_defaults_to_micro_times_dp(dataset):
 
 
 def test_model_config_defaults():
-    config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32)
+    config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+                         position_embedding_type="alibi")
     assert config.ffn_hidden_size == 256 and config.max_position_embeddings == 32
     assert config.position_embedding_type == "alibi"
 
@@ -351,3 +357,25 @@ def test_rampup_batch_size_flags(dataset):
         build(base_argv(dataset, "--rampup-batch-size", "2", "2", "100"))
     with pytest.raises(ConfigError, match="three integers"):
         build(argv + ["--train-samples", "1000", "--rampup-batch-size", "2", "x"])
+
+
+def test_parser_and_config_defaults_agree():
+    """A config field built from a flag has the flag's default (a parser None means 'not given',
+    which from_args maps to the field's default)."""
+    import dataclasses
+
+    from ascendspeed import arguments
+
+    parser_defaults = {action.dest: action.default for action in build_parser()._actions}
+    disagree = []
+    for value in vars(arguments).values():
+        if not (isinstance(value, type) and dataclasses.is_dataclass(value)):
+            continue
+        for field in dataclasses.fields(value):
+            default = parser_defaults.get(field.name, dataclasses.MISSING)
+            if dataclasses.MISSING in (default, field.default) or default is None:
+                continue
+            if default != field.default and not (isinstance(default, list)
+                                                  and tuple(default) == field.default):
+                disagree.append((value.__name__, field.name, default, field.default))
+    assert disagree == []

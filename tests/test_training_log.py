@@ -60,7 +60,8 @@ def test_validation_lines():
 
 
 def test_flops_formula():
-    config = ModelConfig(num_layers=30, hidden_size=4096, num_attention_heads=32, seq_length=2048)
+    config = ModelConfig(num_layers=30, hidden_size=4096, num_attention_heads=32, seq_length=2048,
+                         position_embedding_type="alibi")
     B, s, L, h, V = 512, 2048, 30, 4096, 250880
     expected = 72 * B * s * L * h * h * (1 + s / (6 * h) + V / (12 * L * h))
     assert model_flops_per_iteration(config, B, s, V) == pytest.approx(expected, rel=1e-12)

@@ -1,6 +1,6 @@
 """Megatron's GPT dataset: samples of seq_length + 1 tokens cut from a shuffled, multi-epoch
 stream of sequences, with doc_idx / sample_idx / shuffle_idx equal to Megatron-DeepSpeed's bit for
-bit (docs/data.md walks through the construction; ../shared/specs/megatron_data.md is the spec).
+bit (docs/data.md walks through the construction and the contracts that pin it).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
 
 Attention is causal with ALiBi: score(q, k) = q.k / sqrt(hd) + slope_h * pos_k (softmax ignores
 the per-row constant that the textbook slope * (k - q) would add). The fused QKV output is ordered
-[heads, 3, head_dim]. The numerics follow ../shared/specs/bloom_model.md and equal Hugging Face's
-BloomForCausalLM. The parallel machinery lives in ascendspeed.core: this file only says which
+[heads, 3, head_dim]. The numerics are Hugging Face's BloomForCausalLM's (tests/test_bloom_model.py
+holds the logits to it). The parallel machinery lives in ascendspeed.core: this file only says which
 layers are split by columns, by rows or by vocabulary.
 """
 from __future__ import annotations
@@ -45,8 +45,10 @@ class BloomConfig:
     init_seed: int = 1234
     params_dtype: torch.dtype = torch.float32
     # "full": keep only each block's input and recompute the block in backward. "selective"
-    # (recompute the attention core) is what flash SDPA already does: the s x s scores are
-    # never stored, so it changes nothing here.
+    # (Megatron's): recompute only the attention core (scores, softmax, dropout, context) and
+    # keep q, k, v; it saves what the attention kernel stores for backward: the s x s
+    # probabilities on the math path (attention dropout > 0, or a device without a fused
+    # kernel), only the output and its log-sum-exp on a flash kernel.
     recompute_granularity: str | None = None
     # Sequence parallelism: outside the TP regions (LayerNorms, dropouts, residuals) each TP rank
     # holds s/tp tokens of the activations [b, s/tp, h]. Ignored at TP=1.
@@ -130,6 +132,7 @@ class BloomAttention(nn.Module):
         self.heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        self.recompute_core = config.recompute_granularity == "selective"
         h, dtype = config.hidden_size, config.params_dtype
         sp = _sequence_parallel(config)
         self.query_key_value = ColumnParallelLinear(h, 3 * h, _normal(config.init_method_std, generator),
@@ -147,14 +150,21 @@ class BloomAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # [b, heads, s, hd]
         if cache is not None:  # generation: keys/values over past + new tokens
             k, v = cache.extend(layer_number, k, v)
+        if self.training and self.recompute_core:
+            context = checkpoint(self._core, q, k, v, bias)
+        else:
+            context = self._core(q, k, v, bias)
+        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        return self.dense.forward_inference(context) if inference else self.dense(context)
+
+
+    def _core(self, q, k, v, bias):
+        """softmax(q k^T / sqrt(hd) + bias) v with attention dropout, per head."""
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
             # The bias stays fp32 with bf16/fp16 q, k, v: ALiBi in bf16 loses up to 0.5 per score.
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     dropout_p=dropout,
-                                                     scale=1.0 / math.sqrt(self.head_dim))
-        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return self.dense.forward_inference(context) if inference else self.dense(context)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                  scale=1.0 / math.sqrt(self.head_dim))
 
 
 class BloomMLP(nn.Module):

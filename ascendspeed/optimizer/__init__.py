@@ -6,7 +6,10 @@ from typing import Callable
 
 import torch
 
+from ascendspeed.core.distributed import DataParallelGrads
+from ascendspeed.optimizer.distrib_optimizer import DistributedOptimizer
 from ascendspeed.optimizer.lr_scheduler import AnnealingLR, OptimizerParamScheduler
+from ascendspeed.optimizer.mixed_precision import ConstantLossScaler, Float16Optimizer, FP32Optimizer
 from ascendspeed.optimizer.param_groups import get_param_groups
 
 __all__ = ["AnnealingLR", "OptimizerParamScheduler", "build_optimizer", "get_param_groups"]
@@ -20,11 +23,6 @@ def build_optimizer(model_chunks: list[torch.nn.Module], param_groups: list[dict
     """Gradient buffers over `model_chunks` (hooks registered now) and the optimizer that steps
     `param_groups` of their parameters: FP32Optimizer for an fp32 model, Float16Optimizer
     (`scaler`, default a constant 1) otherwise, DistributedOptimizer for ZeRO-1."""
-    from ascendspeed.core.distributed import DataParallelGrads
-    from ascendspeed.optimizer.distrib_optimizer import DistributedOptimizer
-    from ascendspeed.optimizer.mixed_precision import (ConstantLossScaler, Float16Optimizer,
-                                                       FP32Optimizer)
-
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     grads = DataParallelGrads(chunks, bucket_size=bucket_size,
                               overlap_grad_reduce=overlap_grad_reduce,

@@ -167,9 +167,6 @@ class MegatronOptimizer:
         last gradient, which launches its bucket's reduction)."""
         self.grads.zero_grad(num_microbatches)
 
-    def accumulate_grads(self) -> None:
-        """No-op, kept for old loops: the gradient hooks accumulate into fp32 buffers."""
-
     # -- what subclasses provide
     def _main_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Attach fp32 gradients to the stepped tensors; (all of them, those the norm counts)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# torch >= 2.13 renames the flat-tensor collectives; older builds (torch_npu's) have the old names.
+# torch 2.13 names the flat-tensor collectives *_single; older torch builds only have the *_tensor names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

@@ -5,7 +5,6 @@ from ascendspeed.core.tensor_parallel.layers import (ColumnParallelLinear, RowPa
 from ascendspeed.core.tensor_parallel.mappings import (  # noqa: F401
     copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region, scatter_to_sequence_parallel_region,
-    scatter_to_tensor_model_parallel_region)
+    reduce_scatter_to_sequence_parallel_region)
 from ascendspeed.core.tensor_parallel.random import (get_rng_tracker,  # noqa: F401
                                                      model_parallel_seed)

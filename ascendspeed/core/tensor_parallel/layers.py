@@ -17,7 +17,7 @@ from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region, scatter_to_tensor_model_parallel_region)
+    reduce_scatter_to_sequence_parallel_region)
 
 InitMethod = Callable[[torch.Tensor], None]
 
@@ -61,9 +61,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _mark(nn.Parameter(weight.to(device)), True, 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel() and (int(input_ids.max()) >= self.num_embeddings or int(input_ids.min()) < 0):
-            raise IndexError(f"token id {int(input_ids.max())} outside the padded vocabulary "
-                             f"[0, {self.num_embeddings})")
+        outside_vocab = (input_ids < 0) | (input_ids >= self.num_embeddings)
+        if outside_vocab.any():  # one host sync per forward
+            raise IndexError(f"token id {int(input_ids[outside_vocab][0])} outside the padded "
+                             f"vocabulary [0, {self.num_embeddings})")
         if ps.get_tensor_model_parallel_world_size() == 1:  # (no sequence parallelism at TP=1)
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
@@ -124,18 +125,17 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input features: partial products are summed over the TP
     group, then the (replicated) bias is added once. With skip_bias_add the bias is returned for
-    the caller to fuse into bias-dropout-add. With sequence parallelism the partial products are
+    the caller to add before its dropout and residual (Megatron's bias-dropout-add). With sequence parallelism the partial products are
     reduce-scattered along the sequence, and the bias (added to a slice of the tokens) is marked
     `sequence_parallel`: its gradient must be summed over the TP ranks."""
 
     def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
-                 input_is_parallel: bool = True, skip_bias_add: bool = False,
+                 skip_bias_add: bool = False,
                  params_dtype=torch.float32, device=None, sequence_parallel: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         world = ps.get_tensor_model_parallel_world_size()
         self.input_size_per_partition = divide(input_size, world, "the input size")
-        self.input_is_parallel = input_is_parallel
         self.skip_bias_add = skip_bias_add
         weight = _master_slice((output_size, input_size), 1, init_method, params_dtype)
         self.weight = _mark(nn.Parameter(weight.to(device)), True, 1)
@@ -146,8 +146,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor):
-        if not self.input_is_parallel:
-            x = scatter_to_tensor_model_parallel_region(x)
+        """x: this rank's slice of the input features (a column-parallel layer's output)."""
         partial = F.linear(x, self.weight)
         y = (reduce_scatter_to_sequence_parallel_region(partial) if self.sequence_parallel
              else reduce_from_tensor_model_parallel_region(partial))
@@ -157,8 +156,6 @@ class RowParallelLinear(nn.Module):
 
     def forward_inference(self, x: torch.Tensor):
         """forward() for generation (no autograd, no sequence parallelism): inference_linear."""
-        if not self.input_is_parallel:
-            x = scatter_to_tensor_model_parallel_region(x)
         y = reduce_from_tensor_model_parallel_region(inference_linear(x, self.weight))
         if self.skip_bias_add:
             return y, self.bias

@@ -10,9 +10,11 @@ from ascendspeed.core import parallel_state as ps
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the TP group, in a new tensor (an autograd input or a gradient that other
+    nodes may share is never reduced in place); x itself at TP=1."""
     if ps.get_tensor_model_parallel_world_size() == 1:
         return x
-    x = x.contiguous()
+    x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=ps.get_tensor_model_parallel_group())
     return x
 
@@ -77,7 +79,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone())
+        return _all_reduce(grad)
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -85,23 +87,11 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _all_reduce(x.clone())
+        return _all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    """Keep this rank's slice of the last dimension; gather the gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return _split_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad)
 
 
 class _GatherFromRegion(torch.autograd.Function):
@@ -124,24 +114,8 @@ def reduce_from_tensor_model_parallel_region(x):
     return _ReduceFromRegion.apply(x)
 
 
-def scatter_to_tensor_model_parallel_region(x):
-    return _ScatterToRegion.apply(x)
-
-
 def gather_from_tensor_model_parallel_region(x):
     return _GatherFromRegion.apply(x)
-
-
-class _ScatterToSequenceRegion(torch.autograd.Function):
-    """Keep this rank's sequence slice; all-gather the gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return _seq_split(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_gather(grad)
 
 
 class _GatherFromSequenceRegion(torch.autograd.Function):
@@ -170,10 +144,6 @@ class _ReduceScatterToSequenceRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _seq_gather(grad)
-
-
-def scatter_to_sequence_parallel_region(x):
-    return _ScatterToSequenceRegion.apply(x)
 
 
 def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad: bool = True):
