@@ -16,7 +16,7 @@ import os
 import sys
 
 from ascendspeed.arguments import PretrainConfig, parse_args
-from ascendspeed.checkpointing import apply_checkpoint_args
+from ascendspeed.checkpoint.save_load import apply_checkpoint_args
 from ascendspeed.errors import AscendSpeedError, ConfigError, error_line
 
 

@@ -256,6 +256,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_kernel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("fused kernels (each has its plain PyTorch reference)")
+    group.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                       help="run every op's plain PyTorch reference instead of its fused kernel")
+    group.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false",
+                       help="foreach AdamW and a per-gradient inf check instead of fused AdamW "
+                            "and one fused unscale + inf check")
+    return parser
+
+
 def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimizer and learning rate")
     group.add_argument("--optimizer", type=str, default="adam", choices=("adam", "sgd"),
@@ -355,7 +365,7 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     for add in (add_model_args, add_parallel_args, add_training_args, add_optimizer_args,
                 add_checkpointing_args, add_logging_args, add_data_args, add_tokenizer_args,
-                add_deepspeed_args, add_generation_args):
+                add_deepspeed_args, add_generation_args, add_kernel_args):
         add(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser) or parser
@@ -1022,6 +1032,16 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which fused kernels run; each one's plain PyTorch path stays as its reference."""
+    fused_optimizer: bool = True  # fused AdamW step; one fused unscale + inf check
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "KernelConfig":
+        return cls(fused_optimizer=args.fused_kernels and args.fused_optimizer)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything pretrain_bloom.py needs, validated together. Build with from_args."""
     model: ModelConfig
@@ -1033,6 +1053,7 @@ class PretrainConfig:
     tokenizer: TokenizerConfig
     precision: PrecisionConfig = PrecisionConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    kernels: KernelConfig = KernelConfig()
     deepspeed_config_path: str | None = None
     notices: tuple[str, ...] = ()  # accepted flags with no effect, for the log
 
@@ -1086,4 +1107,4 @@ class PretrainConfig:
         return cls(model=model, parallel=parallel, training=training, optimizer=optimizer,
                    lr_schedule=lr_schedule, data=data, tokenizer=tokenizer, precision=precision,
                    checkpoint=CheckpointConfig.from_args(args),
-                   deepspeed_config_path=args.deepspeed_config, notices=notices)
+                   kernels=KernelConfig.from_args(args), deepspeed_config_path=args.deepspeed_config, notices=notices)

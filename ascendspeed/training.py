@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ascendspeed import device
 from ascendspeed.arguments import PretrainConfig
-from ascendspeed.checkpointing import LoadedState, load_checkpoint, save_checkpoint
+from ascendspeed.checkpoint.save_load import LoadedState, load_checkpoint, save_checkpoint
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -165,9 +165,13 @@ def build_training_optimizer(model_chunks: list[torch.nn.Module], config: Pretra
     a loss scaler for fp16 (dynamic unless --loss-scale); sharded over DP with ZeRO-1
     (--use-distributed-optimizer). `step()` also clips to --clip-grad."""
     opt, precision, parallel = config.optimizer, config.precision, config.parallel
+    # torch's fused AdamW (one kernel over all tensors; ~4x foreach on CPU) exists for CPU and CUDA
+    fused = config.kernels.fused_optimizer and device.current_device().type in ("cpu", "cuda")
+    implementation = {"fused": True} if fused else {"foreach": True}
 
     def make(groups):
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.adam_eps)
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.adam_eps,
+                                 **implementation)
 
     scaler = None
     if precision.params_dtype == "float16":
@@ -179,7 +183,8 @@ def build_training_optimizer(model_chunks: list[torch.nn.Module], config: Pretra
                            clip_grad=config.training.clip_grad,
                            bucket_size=parallel.bucket_size,
                            overlap_grad_reduce=parallel.overlap_grad_reduce,
-                           use_distributed_optimizer=parallel.use_distributed_optimizer)
+                           use_distributed_optimizer=parallel.use_distributed_optimizer,
+                           fused_unscale=config.kernels.fused_optimizer)
 
 
 def _average_over_data_parallel(value: float) -> float:

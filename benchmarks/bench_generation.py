@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ascendspeed.generation import SamplingParams, StageRunner, generate_tokens  # noqa: E402
 from ascendspeed.generation.generate import left_pad  # noqa: E402
 from ascendspeed.model.bloom import BloomConfig, BloomModel  # noqa: E402
-from ascendspeed.model.hf_bloom import shard_from_hf  # noqa: E402
+from ascendspeed.checkpoint.hf import shard_from_hf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ascendspeed.model.bloom import BloomConfig, BloomModel  # noqa: E402
-from ascendspeed.model.hf_bloom import shard_from_hf  # noqa: E402
+from ascendspeed.checkpoint.hf import shard_from_hf  # noqa: E402
 
 
 def main():

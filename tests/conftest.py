@@ -11,29 +11,28 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
+SHARED_FIXTURES = os.path.join(REPO_ROOT, "..", "shared", "fixtures")
+
+
+def shared_fixture(*parts: str) -> str:
+    """The path of a file under ../shared/fixtures (read-only, beside the repository), or: a skip
+    with the reason for a user who has none, and a failure under CI=true, where a missing
+    fixture means the tests that need it did not run."""
+    path = os.path.normpath(os.path.join(SHARED_FIXTURES, *parts))
+    if not os.path.exists(path):
+        message = (f"shared test fixture {path} not found (../shared/fixtures beside the "
+                   f"repository)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; with CI=true a missing fixture is a failure", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def megatron_fixture():
     """Prefix of the Megatron-written test dataset in ../shared/fixtures/megatron (read-only)."""
-    if not os.path.exists(FIXTURE_PREFIX + ".idx"):
-        pytest.skip(f"Megatron fixture not found at {FIXTURE_DIR} (expected beside the repo)")
-    return FIXTURE_PREFIX
+    shared_fixture("megatron", os.path.basename(FIXTURE_PREFIX) + ".bin")
+    return shared_fixture("megatron", os.path.basename(FIXTURE_PREFIX) + ".idx")[:-len(".idx")]
 
 
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL `pid` and every process below it at once (kill -9 of a whole torchrun job):
-    torchrun starts each worker in its own session, so killing its process group alone would
-    leave the workers running."""
-    import signal
-    import subprocess
-
-    pids, frontier = [pid], [pid]
-    while frontier:
-        children = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))],
-                                  capture_output=True, text=True).stdout.split()
-        frontier = [int(child) for child in children]
-        pids += frontier
-    for each in pids:
-        try:
-            os.kill(each, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+from launch import kill_process_tree  # noqa: E402,F401 (one copy, in tests/launch.py)

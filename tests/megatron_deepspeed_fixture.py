@@ -14,7 +14,7 @@ import types
 import numpy as np
 import torch
 
-from ascendspeed.checkpoint_megatron_deepspeed import concat_dim
+from ascendspeed.checkpoint.megatron_deepspeed import concat_dim
 
 
 class PositionEmbeddingType(enum.Enum):

@@ -1,4 +1,4 @@
-"""ascendspeed.checkpoint_megatron_deepspeed against synthetic Meg-DS checkpoints written from a tiny
+"""ascendspeed.checkpoint.megatron_deepspeed against synthetic Meg-DS checkpoints written from a tiny
 random transformers BloomForCausalLM (tests/megatron_deepspeed_fixture.py): names, exact tensors,
 TP merge (drifted replicas averaged with a warning), logits of the rebuilt model, streaming, and
 errors that name the file."""
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-import ascendspeed.checkpoint_megatron_deepspeed as mds
-from ascendspeed.checkpoint_megatron_deepspeed import MegatronDeepSpeedSource
+import ascendspeed.checkpoint.megatron_deepspeed as mds
+from ascendspeed.checkpoint.megatron_deepspeed import MegatronDeepSpeedSource
 from ascendspeed.errors import MegatronDeepSpeedError
 from megatron_deepspeed_fixture import write_megatron_deepspeed_checkpoint
 

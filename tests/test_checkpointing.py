@@ -7,14 +7,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, kill_process_tree
+from launch import kill_process_tree, start_torchrun
 from megatron_ext.indexed_dataset import MMapIndexedDatasetBuilder
 from test_pretrain import corpus, launch, losses, model_args  # noqa: F401 (corpus is a fixture)
 
@@ -70,6 +69,24 @@ def iteration_of(line: str) -> int:
     return int(re.search(r"iteration +(\d+)", line).group(1))
 
 
+def loaded_iteration(output: str) -> int:
+    """The iteration of the ' > loaded checkpoint ... at iteration N' line (there must be one)."""
+    found = re.findall(r" > loaded checkpoint \S+ at iteration (\d+) ", output)
+    assert len(found) == 1, output[-3000:]
+    return int(found[0])
+
+
+def wait_for(condition, process, deadline_s, log):
+    """Poll `condition()` until it holds, the process ends, or `deadline_s` seconds pass."""
+    deadline = time.time() + deadline_s
+    while not condition():
+        if process.poll() is not None or time.time() > deadline:
+            kill_process_tree(process.pid)
+            pytest.fail(f"gave up waiting ({deadline_s} s, or the job ended):\n"
+                        f"{log.read_text()[-3000:]}", pytrace=False)
+        time.sleep(0.05)
+
+
 def log_lines(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [re.sub(r"elapsed time per iteration \(ms\): [0-9.]+ \|", "", line)
@@ -122,20 +139,14 @@ def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_pa
     rng = random.Random(0)
     for attempt in range(2):
         before = tracker.read_text() if tracker.exists() else None
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node=2", os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args]
-        with open(tmp_path / f"attempt{attempt}.log", "w") as output:
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=output,
-                                       start_new_session=True,
-                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+        log = tmp_path / f"attempt{attempt}.log"
+        with open(log, "w") as output:
+            process = start_torchrun("pretrain_bloom.py", args, 2, stdout=output, stderr=output)
             # Kill while it saves: once this attempt has saved at least once (slow under load).
-            deadline = time.time() + 300
-            while (not tracker.exists() or tracker.read_text() == before) \
-                    and process.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: tracker.exists() and tracker.read_text() != before, process, 300, log)
             time.sleep(rng.uniform(0.0, 1.0))
             kill_process_tree(process.pid)
-            process.wait()
+            process.wait(timeout=60)
         assert tracker.exists(), (tmp_path / f"attempt{attempt}.log").read_text()[-3000:]
         iteration = int(tracker.read_text())
         for rank in ("mp_rank_00", "mp_rank_01"):
@@ -143,42 +154,61 @@ def test_kill_at_random_moments_leaves_a_loadable_checkpoint(tiny_corpus, tmp_pa
                                weights_only=True)
             assert state["iteration"] == iteration
     result = launch(2, args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"loaded checkpoint" in result.stdout
+    lines = log_lines(result)
+    # what was loaded: the iteration the tracker named, training on from the next one, and the
+    # run ends where an uninterrupted run ends, bitwise (weights, optimizer, RNG states)
+    assert loaded_iteration(result.stdout) == iteration
+    assert iteration_of(lines[0]) == iteration + 1 and iteration_of(lines[-1]) == 20
     assert tracker.read_text() == "20"
     assert not [p for p in os.listdir(save) if p.endswith(".tmp")]
+    straight = tmp_path / "straight"
+    log_lines(launch(2, run_args(tiny_corpus, straight, "--tensor-model-parallel-size", "2",
+                                 iters=20)))
+    assert_same_tensors(final_weights(straight, 20), final_weights(save, 20))
 
 
 def test_exit_signal_handler_saves_then_exits_cleanly(tiny_corpus, tmp_path):
     save = tmp_path / "ckpt"
     args = run_args(tiny_corpus, save, "--exit-signal-handler", iters=2000)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO_ROOT, "pretrain_bloom.py"), *args, "--tensor-model-parallel-size", "2"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    out = ""
-    while " iteration        3/" not in out:
-        out += process.stdout.readline()
-        assert process.poll() is None, out + process.stderr.read()
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
-    for pid in workers.stdout.split():  # as a cluster scheduler does: every task gets SIGTERM
-        os.kill(int(pid), signal.SIGTERM)
-    rest, err = process.communicate(timeout=120)
-    assert process.returncode == 0, out + rest + err
-    assert "signal received, --exit-signal-handler" in rest
+    log = tmp_path / "job.log"
+    with open(log, "w") as output:
+        process = start_torchrun("pretrain_bloom.py", [*args, "--tensor-model-parallel-size", "2"],
+                                 2, stdout=output, stderr=output, new_session=False)
+        try:
+            wait_for(lambda: " iteration        3/" in log.read_text(), process, 300, log)
+            workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                     text=True, timeout=30)
+            for pid in workers.stdout.split():  # as a cluster scheduler does: every task gets it
+                os.kill(int(pid), signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                kill_process_tree(process.pid)
+    out = log.read_text()
+    assert process.returncode == 0, out[-3000:]
+    assert "signal received, --exit-signal-handler" in out
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
-    assert 3 <= iteration < 2000 and f"saved checkpoint at iteration {iteration}" in rest
+    assert 3 <= iteration < 2000 and f"saved checkpoint at iteration {iteration}" in out
 
 
 # ------------------------------------------------------------------------- bad checkpoints
 @pytest.fixture(scope="module")
-def saved(tiny_corpus, tmp_path_factory):
-    """A TP=2 checkpoint at iteration 3."""
+def continued(tiny_corpus, tmp_path_factory):
+    """A TP=2 run of 5 iterations that saved at 3 and 5: (checkpoint dir holding only iteration
+    3 now, the run's log lines of iterations 4-5, its iteration-5 rank states)."""
     save = tmp_path_factory.mktemp("saved") / "ckpt"
-    result = launch(2, run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2", iters=3))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return save
+    lines = log_lines(launch(2, run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2",
+                                         "--save-interval", "3", iters=5)))
+    final = final_weights(save, 5)
+    shutil.rmtree(save / "iter_0000005")
+    (save / "latest_checkpointed_iteration.txt").write_text("3")
+    return save, [line for line in lines if iteration_of(line) > 3], final
+
+
+@pytest.fixture(scope="module")
+def saved(continued):
+    """A TP=2 checkpoint at iteration 3."""
+    return continued[0]
 
 
 def refused(tiny_corpus, save, nproc=2, *extra):
@@ -246,9 +276,14 @@ def test_other_model_shape_is_named(tiny_corpus, saved, tmp_path):
     assert "--hidden-size: checkpoint 64, this run 128" in message
 
 
-def test_use_checkpoint_args_takes_the_model_shape(tiny_corpus, saved, tmp_path):
+def test_use_checkpoint_args_takes_the_model_shape(tiny_corpus, continued, tmp_path):
+    """--hidden-size 128 given, the checkpoint's 64 used: the iteration-3 state is loaded and
+    training continues exactly as the run that saved it did (log lines of iterations 4-5 and
+    the iteration-5 states bitwise)."""
+    saved, lines, final = continued
     save = copy_of(saved, tmp_path)
     result = launch(2, run_args(tiny_corpus, save, "--tensor-model-parallel-size", "2",
-                                "--hidden-size", "128", "--use-checkpoint-args", iters=3))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "loaded checkpoint" in result.stdout
+                                "--hidden-size", "128", "--use-checkpoint-args", iters=5))
+    assert log_lines(result) == lines
+    assert loaded_iteration(result.stdout) == 3
+    assert_same_tensors(final_weights(save, 5), final)

@@ -7,21 +7,17 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
-from test_convert_tp import ENV, WORKER, args_for
+from launch import REPO_ROOT, run_python, run_torchrun
+from test_convert_tp import WORKER, args_for
 from test_pretrain import corpus, launch, losses  # noqa: F401 (corpus is a fixture)
+from tolerances import FORWARD_REL, assert_close_to_scale
 
 TOOL = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
 VOCAB, HIDDEN, HEADS, LAYERS = 260, 32, 4, 4
-# the worker lives in tests/dist: make the repository importable whether or not it is installed
-WORKER_ENV = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT,
-                                                                 ENV.get("PYTHONPATH")])))
 TO_OURS = ("--source-format", "hf", "--target-format", "megatron")
 TO_HF = ("--source-format", "megatron", "--target-format", "hf")
 
@@ -211,9 +207,9 @@ class PlainSource:
 def test_plain_source_reshard_and_virtual_pipeline_to_hf(hf, ours, tmp_path):
     """A source with only hf_config/keys/get writes the same rank files; the release reshards
     with tools/convert_tp.py; a virtual-pipeline checkpoint (model0/model1) converts to HF."""
-    from ascendspeed.checkpoint_convert import hf_to_megatron
-    from ascendspeed.checkpoint_reshard import (chunk_layout, flatten_model, nest_model,
-                                                target_names, to_global)
+    from ascendspeed.checkpoint.hf import hf_to_megatron
+    from ascendspeed.checkpoint.reshard import chunk_layout
+    from ascendspeed.checkpoint.tensors import flatten_model, nest_model, target_names, to_global
     from tools.convert_tp import main as convert_tp
 
     _, model = hf
@@ -286,23 +282,36 @@ def refused(capture_dir, *argv) -> str:
     return line
 
 
+def truncated_copy(root, tmp_path):
+    broken = tmp_path / "truncated"
+    shutil.copytree(root / "hf", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:len(data) // 2])
+    return broken
+
+
+@pytest.mark.multiprocess
+def test_bad_input_exit_status_of_the_process(hf, tmp_path):
+    """A truncated safetensors file, through a real process: exit status 2, one error line."""
+    root, _ = hf
+    out = tmp_path / "out"
+    broken = truncated_copy(root, tmp_path)
+    result = run_python(TOOL, [*TO_OURS, "--input", broken, "--output", out], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("convert_checkpoint.py: error: ")
+    assert str(broken / "model.safetensors") in result.stderr
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
+
+
 def test_bad_input_exit_2_and_no_output(hf, ours, tmp_path):
     from safetensors.torch import load_file, save_file
 
     root, _ = hf
     out = tmp_path / "out"
     to_ours = (*TO_OURS, "--output", out)
-    # truncated safetensors file: a real process, for the exit status
-    broken = tmp_path / "truncated"
-    shutil.copytree(root / "hf", broken)
-    data = (broken / "model.safetensors").read_bytes()
-    (broken / "model.safetensors").write_bytes(data[:len(data) // 2])
-    result = subprocess.run([sys.executable, TOOL, *TO_OURS, "--input", str(broken), "--output",
-                             str(out)], capture_output=True, text=True, timeout=120, env=ENV)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("convert_checkpoint.py: error: ")
-    assert str(broken / "model.safetensors") in result.stderr
-    assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
+    broken = truncated_copy(root, tmp_path)
+    line = refused(out, *to_ours, "--input", broken)
+    assert str(broken / "model.safetensors") in line
 
     tensors = load_file(str(root / "hf" / "model.safetensors"))
     missing = tmp_path / "missing"
@@ -343,19 +352,17 @@ def test_logits_match_hf_tp2_pp2(hf, ours, corpus, tmp_path):
     """Our model on 4 processes (TP=2 x PP=2) computes HF's logits from the converted weights."""
     _, model = hf
     directory, _ = ours
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=4", WORKER, "--iteration-dir", str(directory / "release"),
-               "--out", str(tmp_path / "logits.pt"), "--tokens-out", str(tmp_path / "tokens.pt"),
-               "--", *args_for(corpus, 2, 2, "--hidden-size", str(HIDDEN))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
-                            env=WORKER_ENV)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(WORKER, ["--iteration-dir", directory / "release", "--out", tmp_path / "logits.pt",
+                          "--tokens-out", tmp_path / "tokens.pt", "--",
+                          *args_for(corpus, 2, 2, "--hidden-size", str(HIDDEN))], 4,
+                 timeout=180, check=True)
     ours_logits = torch.load(tmp_path / "logits.pt", weights_only=True)
     tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
     with torch.no_grad():
         reference = model(tokens).logits
     assert ours_logits.shape == reference.shape == (2, 16, VOCAB)
-    assert (ours_logits - reference).abs().max() <= 1e-5
+    # one fp32 forward each (ours over TP=2 x PP=2, HF's): ulps of the logits' scale
+    assert_close_to_scale(ours_logits, reference, rel=FORWARD_REL, what="logits")
 
 
 @pytest.mark.multiprocess

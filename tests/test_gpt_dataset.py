@@ -277,10 +277,10 @@ def test_cache_paths_match_megatron_names():
 
 def test_first_train_sample_text(megatron_fixture, tmp_path):
     from ascendspeed.data.tokenizer import GPT2BPETokenizer
-    from conftest import FIXTURE_DIR
+    from conftest import shared_fixture
 
-    tokenizer = GPT2BPETokenizer(os.path.join(FIXTURE_DIR, "gpt2-tiny-vocab.json"),
-                                 os.path.join(FIXTURE_DIR, "gpt2-tiny-merges.txt"))
+    tokenizer = GPT2BPETokenizer(shared_fixture("megatron", "gpt2-tiny-vocab.json"),
+                                 shared_fixture("megatron", "gpt2-tiny-merges.txt"))
     train, _, _ = build(megatron_fixture, tmp_path, [10000, 0, 0])
     text = tokenizer.detokenize(train[0]["text"].tolist())
     assert text.startswith(" not have Humphrey Kayange to call on")

@@ -2,14 +2,12 @@
 device, fp16 with dynamic loss scaling from its DeepSpeed config, sequence parallelism, batch
 ramp-up, sample-based schedule, --save/--load) trains a tiny model on 4 CPU processes with the
 same flags."""
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from launch import launch_env, run_command
 from tokenizer_helpers import generated_docs, write_jsonl
 
 pytestmark = pytest.mark.multiprocess
@@ -27,22 +25,23 @@ def hf_dataset(tmp_path_factory):
             [sys.executable, "tools/preprocess_data.py", "--input", corpus, "--output-prefix",
              str(root / "corpus"), "--json-keys", "text", "--tokenizer-type", "PretrainedFromHF",
              "--tokenizer-name-or-path", str(tokenizer), "--append-eod", "--workers", "1"]):
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+        result = run_command(command, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
     return root, str(root / "corpus_text_document"), str(tokenizer)
 
 
 def test_7b1_flag_set_trains_a_tiny_model_on_four_processes(hf_dataset):
     root, data_path, tokenizer = hf_dataset
-    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_PATH=data_path, TOKENIZER_PATH=tokenizer,
+    # MASTER_PORT=0: the script's c10d rendezvous endpoint localhost:0 binds a free port at run
+    # time (the workers then share that store), so no port is fixed in advance
+    env = launch_env(DATA_PATH=data_path, TOKENIZER_PATH=tokenizer,
                TENSORBOARD_DIR=str(root / "tb"), DS_CONFIG=str(root / "ds_config.json"),
                NPROC="4", TP="4", NUM_LAYERS="2", HIDDEN="64", HEADS="4", SEQ_LEN="32",
                MICRO_BATCH="1", GLOBAL_BATCH="8", RAMPUP="4 2 16", TRAIN_SAMPLES="96",
                LR_DECAY_SAMPLES="96", LR_WARMUP_SAMPLES="8", PAD_VOCAB_TO="512", BACKEND="gloo",
                EVAL_INTERVAL="5", SAVE_INTERVAL="6", CHECKPOINT_PATH=str(root / "ckpt"),
-               MASTER_PORT="29517")
-    result = subprocess.run(["bash", "examples/bloom/pretrain_bloom_7b1.sh"], capture_output=True,
-                            text=True, cwd=REPO_ROOT, env=env, timeout=600)
+               MASTER_PORT="0")
+    result = run_command(["bash", "examples/bloom/pretrain_bloom_7b1.sh"], env=env, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     batches = [int(x) for x in re.findall(r"global batch size:\s+(\d+)", output)]

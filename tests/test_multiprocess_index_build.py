@@ -1,24 +1,18 @@
 """Index caches under torchrun: one process per node builds, the others wait, all agree."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import megatron_reference as ref
-from conftest import REPO_ROOT
+from launch import run_torchrun
 from megatron_ext.indexed_dataset import MMapIndexedDataset
 
 pytestmark = pytest.mark.multiprocess
 
 
 def torchrun(nproc, script, *args, timeout=180):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", os.path.join(REPO_ROOT, script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO_ROOT)
+    return run_torchrun(script, args, nproc, timeout=timeout)
 
 
 def test_two_ranks_build_the_cache_once(megatron_fixture, tmp_path):

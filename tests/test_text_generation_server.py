@@ -50,7 +50,7 @@ def expected_text(reference, prompts, sampling, n=5):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """The server at TP=2 (the checkpoint resharded), on a free port; its log file."""
-    from ascendspeed.checkpoint_reshard import reshard
+    from ascendspeed.checkpoint.reshard import reshard
 
     root = tmp_path_factory.mktemp("server")
     reshard(str(checkpoint[1]), str(root / "tp2"), 2, 1, pad_vocab_size_to=512,

@@ -49,8 +49,11 @@ def test_vocab_padding_errors_name_the_flag(orig, divisible, tp, pad_to, words):
 # ------------------------------------------------------------------------------------ GPT-2 BPE
 @pytest.fixture(scope="module")
 def gpt2():
-    if not os.path.exists(GPT2_VOCAB):
-        pytest.skip(f"Megatron fixture not found at {FIXTURE_DIR} (expected beside the repo)")
+    from conftest import shared_fixture
+
+    shared_fixture("megatron", os.path.basename(GPT2_VOCAB))
+    shared_fixture("megatron", os.path.basename(GPT2_MERGES))
+    shared_fixture("megatron", os.path.basename(FIXTURE_PREFIX) + ".idx")
     return build_tokenizer(TokenizerConfig("GPT2BPETokenizer", vocab_file=GPT2_VOCAB,
                                            merge_file=GPT2_MERGES))
 

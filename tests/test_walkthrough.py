@@ -2,15 +2,12 @@
 converted to TP=2 x PP=2, pretraining continues from it, the job is killed (-9) and resumed to
 the same losses as an uninterrupted run, the result is resharded to TP=4 and converted back to a
 Hugging Face directory that holds exactly the trained weights."""
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, kill_process_tree
+from launch import kill_process_tree, start_torchrun
 from test_convert_checkpoint import TO_HF, TO_OURS, converted
 from test_pretrain import corpus, launch, losses, model_args  # noqa: F401 (corpus is a fixture)
 
@@ -46,23 +43,19 @@ def test_hf_continue_kill_resume_reshard_and_back(corpus, tmp_path):
 
     # The same job, killed with -9 once it has saved iteration 2 (or later), then run again.
     tracker = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-               os.path.join(REPO_ROOT, "pretrain_bloom.py"),
-               *continue_args(corpus, tmp_path / "killed")]
     with open(tmp_path / "killed.log", "w") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=output,
-                                   start_new_session=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+        process = start_torchrun("pretrain_bloom.py", continue_args(corpus, tmp_path / "killed"),
+                                 4, stdout=output, stderr=output)
         deadline = time.time() + 300
         while tracker.read_text() == "release" and process.poll() is None \
                 and time.time() < deadline:
             time.sleep(0.05)
         kill_process_tree(process.pid)
-        process.wait()
+        process.wait(timeout=60)
     saved = int(tracker.read_text())
     assert 2 <= saved <= 6, (tmp_path / "killed.log").read_text()[-3000:]
     resumed = launch(4, continue_args(corpus, tmp_path / "killed"))
-    assert f"loaded checkpoint" in resumed.stdout
+    assert f"at iteration {saved} " in resumed.stdout  # the checkpoint the tracker named
     assert losses(resumed) == straight[saved:], resumed.stdout[-3000:]  # bitwise (as printed)
 
     # Reshard to TP=4 (PP=1), then back to Hugging Face.

@@ -14,7 +14,7 @@ To ours: DIR/release/mp_rank_*/model_optim_rng.pt and a tracker saying "release"
 with a fresh optimizer. To HF: a BloomForCausalLM directory (safetensors, one shard per pipeline
 stage). The output is written under OUTPUT.tmp and renamed when complete; a non-empty OUTPUT is
 refused unless --force. Bad input: exit status 2, one line naming the file, tensor or number.
-See ascendspeed/checkpoint_convert.py.
+See ascendspeed/checkpoint/hf.py.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import sys
 if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py`: the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.checkpoint_convert import (DTYPES, HFDirectorySource, hf_to_megatron,  # noqa: E402
-                                            megatron_to_hf)
-from ascendspeed.checkpoint_megatron_deepspeed import MegatronDeepSpeedSource  # noqa: E402
+from ascendspeed.checkpoint.hf import DTYPES, hf_to_megatron, megatron_to_hf  # noqa: E402
+from ascendspeed.checkpoint.hf_source import HFDirectorySource  # noqa: E402
+from ascendspeed.checkpoint.megatron_deepspeed import MegatronDeepSpeedSource  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, ConvertError, error_line  # noqa: E402
 
 PROG = "convert_checkpoint.py"

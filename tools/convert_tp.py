@@ -9,7 +9,7 @@ stages, and writes DST/iter_K/mp_rank_*/model_optim_rng.pt for TP=N, PP=M (defau
 optimizer state, then DST's tracker; `pretrain_bloom.py --load DST` at TP=N, PP=M resumes
 training. The padded vocabulary is recomputed for TP=N with the vocab flags given here (pass the
 training run's --make-vocab-size-divisible-by / --pad-vocab-size-to). A virtual pipeline is not
-kept (1 chunk per stage); RNG states are dropped. See ascendspeed/checkpoint_reshard.py.
+kept (1 chunk per stage); RNG states are dropped. See ascendspeed/checkpoint/reshard.py.
 Exit status 2 with a message naming the file or number when the checkpoint cannot be resharded.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 if __package__ in (None, ""):  # run as `python tools/convert_tp.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ascendspeed.checkpoint_reshard import reshard  # noqa: E402
+from ascendspeed.checkpoint.reshard import reshard  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, error_line  # noqa: E402
 
 

@@ -44,7 +44,7 @@ def _args_of(request) -> tuple:
 def _flags(load: str, options: dict[str, Any]) -> argparse.Namespace:
     """pretrain_bloom.py-style flags for the loader, from model_args key=value pairs."""
     from ascendspeed.arguments import parse_args
-    from ascendspeed.checkpointing import checkpoint_args
+    from ascendspeed.checkpoint.save_load import checkpoint_args
 
     argv = ["--load", str(load), "--use-checkpoint-args"]
     for key in _TOKENIZER_KEYS:

@@ -19,10 +19,11 @@ def build_optimizer(model_chunks: list[torch.nn.Module], param_groups: list[dict
                     make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], *,
                     params_dtype: torch.dtype = torch.float32, scaler=None, clip_grad: float = 0.0,
                     bucket_size: int = 40_000_000, overlap_grad_reduce: bool = True,
-                    use_distributed_optimizer: bool = False):
+                    use_distributed_optimizer: bool = False, fused_unscale: bool = True):
     """Gradient buffers over `model_chunks` (hooks registered now) and the optimizer that steps
     `param_groups` of their parameters: FP32Optimizer for an fp32 model, Float16Optimizer
-    (`scaler`, default a constant 1) otherwise, DistributedOptimizer for ZeRO-1."""
+    (`scaler`, default a constant 1) otherwise, DistributedOptimizer for ZeRO-1.
+    `fused_unscale`: one fused unscale + inf check (False: the plain per-gradient reference)."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     grads = DataParallelGrads(chunks, bucket_size=bucket_size,
                               overlap_grad_reduce=overlap_grad_reduce,
@@ -33,8 +34,11 @@ def build_optimizer(model_chunks: list[torch.nn.Module], param_groups: list[dict
     half = params_dtype != torch.float32
     scaler = scaler or ConstantLossScaler(1.0)
     if use_distributed_optimizer:
-        return DistributedOptimizer(grads, param_groups, make_optimizer, scaler, clip_grad,
-                                    check_for_overflow=half)
-    if not half:
-        return FP32Optimizer(grads, param_groups, make_optimizer, clip_grad)
-    return Float16Optimizer(grads, param_groups, make_optimizer, scaler, clip_grad)
+        optimizer = DistributedOptimizer(grads, param_groups, make_optimizer, scaler, clip_grad,
+                                         check_for_overflow=half)
+    elif not half:
+        optimizer = FP32Optimizer(grads, param_groups, make_optimizer, clip_grad)
+    else:
+        optimizer = Float16Optimizer(grads, param_groups, make_optimizer, scaler, clip_grad)
+    optimizer.fused_unscale = fused_unscale
+    return optimizer

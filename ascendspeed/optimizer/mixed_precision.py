@@ -142,6 +142,9 @@ class MegatronOptimizer:
     their gradients are, and how updated values reach the model."""
     optimizer: torch.optim.Optimizer
     sharded = False  # gradients (and the norm's sum of squares) split over DP
+    # Unscale and check for inf/nan in one fused foreach kernel (torch's GradScaler op) instead of
+    # a multiply plus four small kernels per gradient; False: the plain reference.
+    fused_unscale = True
 
     def __init__(self, grads: DataParallelGrads, scaler: LossScaler, clip_grad: float,
                  check_for_overflow: bool):
@@ -180,14 +183,14 @@ class MegatronOptimizer:
         self.grads.finish_grad_sync()
         finalize_model_grads(self.grads.params)
         grads, counted = self._main_grads()
-        if self.scaler.scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         if self.check_for_overflow:
-            overflow = self._found_inf(grads)
+            overflow = self._unscale_and_find_inf(grads)
             self.scaler.update(overflow)
             if overflow:
                 self._release_grads()
                 return False, None
+        elif self.scaler.scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         grad_norm = global_grad_norm(counted, sharded=self.sharded)
         clip_grads(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
@@ -195,12 +198,19 @@ class MegatronOptimizer:
         self._copy_main_to_model()
         return True, grad_norm
 
-    @staticmethod
-    def _found_inf(grads: list[torch.Tensor]) -> bool:
-        """Whether any rank's gradients hold an inf/nan: one overflow skips the step everywhere."""
-        found = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for grad in grads:
-            found = torch.maximum(found, (~torch.isfinite(grad)).any().float())
+    def _unscale_and_find_inf(self, grads: list[torch.Tensor]) -> bool:
+        """Divide the gradients by the loss scale; whether any rank's hold an inf/nan (one
+        overflow skips the step everywhere)."""
+        device = grads[0].device if grads else "cpu"
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        if self.fused_unscale and grads:
+            inverse = torch.full((1,), 1.0 / self.scaler.scale, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inverse)
+        else:
+            if self.scaler.scale != 1.0:
+                torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+            for grad in grads:
+                found = torch.maximum(found, (~torch.isfinite(grad)).any().float())
         if dist.is_initialized():
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return bool(found.item())

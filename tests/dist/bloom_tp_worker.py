@@ -14,7 +14,7 @@ from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import (gather_from_tensor_model_parallel_region,
                                               model_parallel_seed, vocab_parallel_cross_entropy)
 from ascendspeed.model.bloom import BloomConfig, BloomModel
-from ascendspeed.model.hf_bloom import shard_from_hf
+from ascendspeed.checkpoint.hf import shard_from_hf
 
 
 def gathered_state(model):
@@ -38,14 +38,6 @@ def replicated_identical(model):
             if not all(torch.equal(parts[0], p) for p in parts):
                 return name
     return None
-
-
-def sum_sequence_parallel_grads(model):
-    """What the optimizer does under sequence parallelism: each TP rank's LayerNorm / row-bias
-    gradient covers only its tokens, so the gradients are summed over the TP group."""
-    for param in model.parameters():
-        if getattr(param, "sequence_parallel", False) and param.grad is not None:
-            dist.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
 
 
 def run_bf16(model, config, args, generator, tp):
@@ -78,6 +70,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--bf16-steps", type=int, default=0,
                         help="instead: train a bf16 model this many AdamW steps (fp32 masters)")
     parser.add_argument("--out", required=True)
@@ -106,7 +99,7 @@ def main():
     ids = torch.randint(0, 240, (4, 19), generator=generator)  # 18 tokens + 1 label: SP splits 18
     mask = torch.ones(4, 19, dtype=torch.long)
     mask[1, :6] = 0
-    result = {"parity": {}}
+    result = {"parity": {}, "parity_scale": {}}
     with torch.no_grad():
         for label, attention_mask in (("no_mask", None), ("left_padding", mask)):
             inputs = ids[:, :-1]  # 18 tokens (sequence parallelism splits them over TP)
@@ -115,31 +108,42 @@ def main():
             ours = gather_from_tensor_model_parallel_region(model(inputs, attention_mask=attention_mask))
             ref = hf(inputs, attention_mask=attention_mask).logits
             result["parity"][label] = (ours - ref).abs().max().item()
+            result["parity_scale"][label] = ref.abs().max().item()
         logits = model(ids[:, :-1])
         targets = ids[:, 1:]
         ce = vocab_parallel_cross_entropy(logits.float(), targets)
         full = gather_from_tensor_model_parallel_region(logits)
         reference = F.cross_entropy(full.reshape(-1, 240).float(), targets.reshape(-1), reduction="none")
         result["ce_diff"] = (ce.reshape(-1) - reference).abs().max().item()
+        result["ce_scale"] = reference.abs().max().item()
 
     if args.bf16_steps:
         run_bf16(model, config, args, generator, tp)
         return
 
-    # Training: same data, fp32, no dropout. SGD with momentum, because Adam divides by the root
-    # of tiny second moments and so turns rounding noise into full-size steps (AdamW end to end
-    # is tested through pretrain_bloom.py's losses).
+    # Training: same data, fp32, no dropout, through the trainer's optimizer (gradient buffers,
+    # then its finalize step: under sequence parallelism each TP rank's LayerNorm / row-bias
+    # gradient covers only its tokens and finalize_model_grads sums them over TP). The inner
+    # optimizer is SGD with momentum, because Adam divides by the root of tiny second moments and
+    # so turns rounding noise into full-size steps (AdamW end to end is tested through
+    # pretrain_bloom.py's losses). --micro-batches 2: each batch as two halves whose gradients
+    # accumulate (the same step summed in another order: the tests' measure of rounding).
+    from ascendspeed.optimizer import build_optimizer
+
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    optimizer = build_optimizer([model], [{"params": list(model.parameters())}],
+                                lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9))
     losses = []
     for _ in range(args.steps):
         batch = torch.randint(0, 240, (4, 19), generator=generator)
-        loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        sum_sequence_parallel_grads(model)
-        optimizer.step()
-        losses.append(loss.item())
+        optimizer.zero_grad(args.micro_batches)
+        total = 0.0
+        for micro in batch.chunk(args.micro_batches):
+            loss = model(micro[:, :-1], labels=micro[:, 1:]).mean()
+            optimizer.scale_loss(loss / args.micro_batches).backward()
+            total += loss.item() / args.micro_batches
+        assert optimizer.step()[0]
+        losses.append(total)
     result["losses"] = losses
     if args.dropout:  # the TP-rank stream must differ across ranks, the default stream must not
         from ascendspeed.core.tensor_parallel import get_rng_tracker

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ascendspeed.arguments import PretrainConfig, parse_args
-from ascendspeed.checkpointing import (_this_rank_file, load_model_state_dict,
-                                       read_checkpoint_file)
+from ascendspeed.checkpoint.io import read_checkpoint_file
+from ascendspeed.checkpoint.save_load import _this_rank_file, load_model_state_dict
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from ascendspeed.training import build_model, initialize_distributed

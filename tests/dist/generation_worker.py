@@ -14,7 +14,7 @@ from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.generation import SamplingParams, StageRunner, generate_tokens
 from ascendspeed.model.bloom import BloomConfig, BloomModel
-from ascendspeed.model.hf_bloom import shard_from_hf
+from ascendspeed.checkpoint.hf import shard_from_hf
 
 VOCAB, PADDED, HIDDEN, HEADS, LAYERS = 250, 256, 32, 4, 4
 PROMPTS = [[17, 3, 99, 142, 8], [5, 230, 71, 16, 16, 44, 200, 9, 61], [120, 7, 33]]

@@ -1,7 +1,9 @@
 """Run under torchrun by tests/test_distributed_optimizer.py: a tiny BLOOM trained a few AdamW steps
 under several layouts (re-creating the TP/PP/DP groups between them) through the gradient buffers
 and the (distributed) optimizer. Every layout sees the same global batches, so its losses, grad
-norms and (gathered) weights can be compared with the one-process run. Rank 0 saves a dict
+norms and (gathered) weights can be compared with the one-process run; the one-process run is
+also repeated with its micro-batches summed in another order, which measures how far rounding
+alone moves the results (the tests' tolerance). Rank 0 saves a dict
 {layout name: results} to --out with torch.save.
 """
 from __future__ import annotations
@@ -20,12 +22,13 @@ from ascendspeed.optimizer.mixed_precision import DynamicLossScaler
 GLOBAL_BATCH, MICRO_BATCH, TOKENS, VOCAB = 8, 2, 9, 128
 
 
-def batches(step: int) -> list[torch.Tensor]:
-    """This DP rank's micro-batches of the step's global batch."""
+def batches(step: int, micro_batch: int = MICRO_BATCH, reverse: bool = False) -> list[torch.Tensor]:
+    """This DP rank's micro-batches of the step's global batch (`reverse`: in the other order,
+    the same gradient summed in another order)."""
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, TOKENS), generator=torch.Generator().manual_seed(100 + step))
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = ids.chunk(dp)[rank]
-    return list(mine.split(MICRO_BATCH))
+    mine = list(ids.chunk(dp)[rank].split(micro_batch))
+    return mine[::-1] if reverse else mine
 
 
 def setup(tp: int = 1, pp: int = 1) -> None:
@@ -103,7 +106,8 @@ def replicas_max_diff(model, group) -> float:
 
 
 def train(*, dtype=torch.float32, tp=1, pp=1, zero=False, overlap=True, bucket_size=2000,
-          sequence_parallel=False, clip_grad=1.0, steps=3, scaler=None, poison_step=None) -> dict:
+          sequence_parallel=False, clip_grad=1.0, steps=3, scaler=None, poison_step=None,
+          micro_batch=MICRO_BATCH, reverse=False) -> dict:
     setup(tp, pp)
     model = build_model(dtype, sequence_parallel).train()
     optimizer = build_optimizer([model], get_param_groups(model, 0.1),
@@ -115,7 +119,7 @@ def train(*, dtype=torch.float32, tp=1, pp=1, zero=False, overlap=True, bucket_s
               "buckets": len(optimizer.grads.buckets), "state_bytes": optimizer.state_bytes()}
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(steps):
-        micro = batches(step)
+        micro = batches(step, micro_batch, reverse)
         optimizer.zero_grad(len(micro))
         if poison_step == step and dist.get_rank() == 1:
             # An inf in rank 1's gradient, at the start of bucket 0: under ZeRO-1 the
@@ -152,6 +156,9 @@ def main() -> None:
     torch.set_num_threads(1)
     world = dist.get_world_size()
     results = {"fp32": train(), "bf16": train(dtype=torch.bfloat16)}
+    if world == 1:  # the same training summed in other orders: how far rounding alone moves it
+        results.update({"fp32_reordered": train(reverse=True),
+                        "fp32_rechunked": train(micro_batch=2 * MICRO_BATCH)})
     if world == 2:
         results.update({
             "fp32_zero": train(zero=True),

@@ -1,16 +1,12 @@
-"""Checkpoints in Megatron-LM's layout, written so that a crash never costs the previous one.
+"""Save, load and resume: our checkpoints (layout.py's Megatron-LM layout), written so that a
+crash never costs the previous one.
 
-    {save}/latest_checkpointed_iteration.txt          the iteration number (or "release")
-    {save}/iter_{N:07d}/mp_rank_{TT:02d}[_{PPP:03d}]/model_optim_rng.pt
+One file per model-parallel rank, written by its data-parallel rank 0. Contents, all plain data
+(tensors, numbers, strings, lists, dicts), so loading uses `torch.load(weights_only=True)` and
+never runs pickled code:
 
-One file per model-parallel rank (TP rank TT, pipeline rank PPP when PP > 1), written by its
-data-parallel rank 0. Contents, all plain data (tensors, numbers, strings, lists, dicts), so
-loading uses `torch.load(weights_only=True)` and never runs pickled code:
-
-- `model` (`model0`, `model1`, ... with virtual pipeline chunks) in Megatron's nesting:
-  language_model.embedding.word_embeddings.{weight, norm.weight, norm.bias},
-  language_model.encoder.{layers.<i local to the chunk>.*, final_layernorm.*},
-  word_embeddings_for_head.weight (last stage, PP > 1);
+- `model` (`model0`, `model1`, ... with virtual pipeline chunks) in Megatron's nesting
+  (tensors.py's megatron column), blocks numbered within the chunk;
 - `optimizer`: the layout-independent state of ascendspeed.optimizer (per parameter name: full
   fp32 masters and AdamW moments, ZeRO-1 shards gathered), `opt_param_scheduler`;
 - `iteration`, `consumed_train_samples`, `consumed_valid_samples`, `checkpoint_version` 3.0,
@@ -25,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,12 +28,15 @@ import torch
 import torch.distributed as dist
 
 from ascendspeed import device
+from ascendspeed.checkpoint.io import (fresh_staging, publish, read_checkpoint_file, read_tracker,
+                                       save_atomically, write_tracker)
+from ascendspeed.checkpoint.layout import (CHECKPOINT_VERSION, RANK_FILENAME, TRACKER_FILENAME,
+                                           iteration_dir_name, model_key, rank_dirs, rank_file)
+from ascendspeed.checkpoint.tensors import megatron_path, nest_model
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import get_rng_tracker
 from ascendspeed.errors import CheckpointError
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
 # The run's sizes that must match the checkpoint's (name in `args`, flag that sets it).
 MATCHED_ARGS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
                 ("num_attention_heads", "--num-attention-heads"),
@@ -63,68 +61,18 @@ class LoadedState:
 PROVENANCE_KEYS = ("hf_vocab_size", "hf_config")
 
 
-# ------------------------------------------------------------------------------------- paths
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def rank_file(iteration_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    rank = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(iteration_dir, rank, "model_optim_rng.pt")
-
-
 def _this_rank_file(iteration_dir: str) -> str:
     return rank_file(iteration_dir, ps.get_tensor_model_parallel_rank(),
                      ps.get_pipeline_model_parallel_rank(),
                      ps.get_pipeline_model_parallel_world_size())
 
 
-def read_tracker(root: str) -> int | str | None:
-    """The iteration the tracker names ("release" for released weights); None without one."""
-    path = os.path.join(root, TRACKER_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    text = open(path, encoding="utf-8").read().strip()
-    if text == "release":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number or 'release', found "
-                              f"{text[:40]!r}") from None
-
-
-def write_atomically(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 # ------------------------------------------------------------------------------- model state
-def _megatron_key(chunk, name: str) -> tuple[str, ...]:
-    """Our parameter name -> its path in Megatron's nested model state dict."""
-    if name == "word_embeddings.weight":
-        if chunk.pre_process:
-            return ("language_model", "embedding", "word_embeddings", "weight")
-        return ("word_embeddings_for_head", "weight")
-    if name.startswith("embedding_layernorm."):
-        return ("language_model", "embedding", "word_embeddings",
-                "norm." + name.split(".", 1)[1])
-    return ("language_model", "encoder", name)  # layers.<i>.*, final_layernorm.*
-
-
 def model_state_dict(chunk) -> dict:
-    nested: dict = {}
-    for name, tensor in chunk.state_dict().items():
-        *path, leaf = _megatron_key(chunk, name)
-        node = nested
-        for key in path:
-            node = node.setdefault(key, {})
-        node[leaf] = tensor.detach().clone()  # under ZeRO-1 a view of one flat buffer: save just it
-    return nested
+    """`chunk`'s parameters in Megatron's nesting (tensors.py's megatron column)."""
+    # under ZeRO-1 each parameter is a view of one flat buffer: a clone saves just it
+    return nest_model([(name, tensor.detach().clone()) for name, tensor in
+                       chunk.state_dict().items()], chunk.pre_process)
 
 
 def load_model_state_dict(chunk, nested: dict, where: str) -> None:
@@ -134,7 +82,7 @@ def load_model_state_dict(chunk, nested: dict, where: str) -> None:
     values = {}
     for name, tensor in own.items():
         node = nested
-        path = _megatron_key(chunk, name)
+        path = megatron_path(name, chunk.pre_process)
         for key in path:
             if not isinstance(node, dict) or key not in node:
                 raise CheckpointError(f"{where}: no {'.'.join(path)} in the model state "
@@ -222,8 +170,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     staging = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # a crashed attempt at this iteration
-        os.makedirs(staging)
+        fresh_staging(final)  # (removing a crashed attempt at this iteration)
     _barrier()
     names = parameter_names(model_chunks)
     optimizer_state = None
@@ -238,48 +185,25 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
                  "checkpoint_info": {"padded_vocab_size": padded_vocab_size,
                                      "original_vocab_size": original_vocab_size,
                                      **(provenance or {})}}
-        if len(model_chunks) == 1:
-            state["model"] = model_state_dict(model_chunks[0])
-        else:
-            for i, chunk in enumerate(model_chunks):
-                state[f"model{i}"] = model_state_dict(chunk)
+        for i, chunk in enumerate(model_chunks):
+            state[model_key(i, len(model_chunks))] = model_state_dict(chunk)
         if optimizer_state is not None:
             state["optimizer"] = optimizer_state
             state["opt_param_scheduler"] = scheduler.state_dict()
         if not config.checkpoint.no_save_rng:
             state.update(rng_state())
-        path = _this_rank_file(staging)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_atomically(state, _this_rank_file(staging))
     _barrier()
     if rank == 0:
-        if os.path.isdir(final):  # saving the same iteration again: replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        write_atomically(os.path.join(root, TRACKER_FILENAME), str(iteration))
+        publish(staging, final)  # saving the same iteration again replaces it
+        write_tracker(root, iteration)
     _barrier()
     return final
 
 
 # -------------------------------------------------------------------------------------- load
 def _saved_layout(directory: str) -> str:
-    ranks = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_")) \
-        if os.path.isdir(directory) else []
-    return ", ".join(ranks) if ranks else "no mp_rank_* directories"
-
-
-def read_checkpoint_file(path: str, mmap: bool = False) -> dict:
-    """`path`'s contents, without running pickled code; `mmap` maps the tensors instead of
-    reading them (for a look at `args` without loading a rank's weights)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # missing, truncated, corrupt, or holding pickled code
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: "
-                              f"{(str(error).splitlines() or [''])[0][:200]})") from error
-    if not isinstance(state, dict) or not any(k.startswith("model") for k in state):
-        raise CheckpointError(f"{path}: not a model checkpoint (no 'model' entry)")
-    return state
+    return ", ".join(rank_dirs(directory)) or "no mp_rank_* directories"
 
 
 def locate_checkpoint(root: str) -> tuple[int | str, str] | None:
@@ -321,7 +245,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, config,
             state = read_checkpoint_file(located[1])
             check_args(state.get("args", {}), run_args(config, padded_vocab_size), located[1])
             for i, chunk in enumerate(model_chunks):
-                key = "model" if len(model_chunks) == 1 else f"model{i}"
+                key = model_key(i, len(model_chunks))
                 if key not in state:
                     raise CheckpointError(f"{located[1]}: no {key!r} entry (saved with "
                                           f"{state.get('args', {}).get('virtual_pipeline_chunks', 1)}"
@@ -372,11 +296,10 @@ def checkpoint_args(root: str) -> dict:
     if iteration is None:
         raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {root}")
     iteration_dir = os.path.join(root, iteration_dir_name(iteration))
-    ranks = sorted(d for d in os.listdir(iteration_dir) if d.startswith("mp_rank_")) \
-        if os.path.isdir(iteration_dir) else []
+    ranks = rank_dirs(iteration_dir)
     if not ranks:
         raise CheckpointError(f"{iteration_dir}: no mp_rank_* directories")
-    path = os.path.join(iteration_dir, ranks[0], "model_optim_rng.pt")
+    path = os.path.join(iteration_dir, ranks[0], RANK_FILENAME)
     saved = read_checkpoint_file(path, mmap=True).get("args")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: no 'args' entry to take the model flags from")

@@ -1,14 +1,11 @@
-"""Reshard a checkpoint (ascendspeed.checkpointing's layout) to another tensor- and pipeline-
+"""Reshard a checkpoint (save_load.py's, in layout.py's layout) to another tensor- and pipeline-
 parallel size, model and optimizer state alike, so that training resumes at the new layout.
 
 The source's TP shards are merged per pipeline stage (split tensors concatenated on their split
 dim, replicated ones checked equal across TP ranks), chunk-local layer indices are mapped to the
 global 1-based layer numbers (`stage_layout`), and the merged state is re-split for the target:
 
-- split on dim 0: word_embeddings.weight (vocab rows), query_key_value.{weight,bias} and
-  dense_h_to_4h.{weight,bias} (column-parallel); on dim 1: self_attention.dense.weight and
-  dense_4h_to_h.weight (row-parallel); everything else (LayerNorms, row-parallel biases) is
-  replicated;
+- each tensor is split as tensors.py's table says (split_dim);
 - the padded vocabulary is recomputed for the target TP (`vocab_size_with_padding`): embedding
   rows (and their optimizer moments and masters) are cut or zero-padded;
 - the optimizer state (layout independent, by `parameter_names()` names "chunk{i}.{name}") is
@@ -20,47 +17,25 @@ global 1-based layer numbers (`stage_layout`), and the merged state is re-split 
 Memory: one source pipeline stage's TP files at a time are merged into the full model state; the
 target files are then cut from it one at a time (each written and freed before the next).
 
-The reading, merging and naming helpers (open_checkpoint, merge_stage_model, flatten_model /
-nest_model, to_global / target_names, split_dim) are shared with checkpoint_convert.py.
+The reading and merging helpers (open_checkpoint, chunk_layout, merge_stage_model) are shared
+with hf.py's ours -> HF direction.
 """
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 
-from ascendspeed.checkpointing import (TRACKER_FILENAME, iteration_dir_name, rank_file,
-                                       read_checkpoint_file, read_tracker, write_atomically)
+from ascendspeed.checkpoint.io import (fresh_staging, publish, read_checkpoint_file, read_tracker,
+                                       save_atomically, write_tracker)
+from ascendspeed.checkpoint.layout import (RANK_FILENAME, RNG_KEYS, TRACKER_FILENAME,
+                                           iteration_dir_name, model_key, rank_dirs, rank_file)
+from ascendspeed.checkpoint.tensors import (EMBED, HEAD, Chunk, flatten_model, nest_model,
+                                            split_dim, target_names, to_global)
 from ascendspeed.core.pipeline_parallel.partition import stage_layout, validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
 from ascendspeed.errors import CheckpointError, ConfigError, PipelinePartitionError, ReshardError
-
-RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state", "device_rng_state",
-            "rng_tracker_states")
-# Suffixes of chunk-local parameter names -> the dim tensor parallelism splits them on.
-SPLIT_DIMS = (("word_embeddings.weight", 0),
-              ("self_attention.query_key_value.weight", 0),
-              ("self_attention.query_key_value.bias", 0),
-              ("mlp.dense_h_to_4h.weight", 0), ("mlp.dense_h_to_4h.bias", 0),
-              ("self_attention.dense.weight", 1), ("mlp.dense_4h_to_h.weight", 1))
-EMBED = "embed.word_embeddings.weight"  # the first stage's copy (the model's only, PP = 1)
-HEAD = "head.word_embeddings.weight"    # the last stage's copy for the tied head (PP > 1)
-
-
-def split_dim(name: str) -> int | None:
-    for suffix, dim in SPLIT_DIMS:
-        if name == suffix or name.endswith("." + suffix):
-            return dim
-    return None
-
-
-@dataclass
-class Chunk:
-    layers: tuple[int, ...]
-    pre_process: bool
-    post_process: bool
 
 
 def chunk_layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
@@ -72,70 +47,6 @@ def chunk_layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
     last = len(layout.chunks) - 1
     return [Chunk(tuple(layers), layout.pre_process and i == 0, layout.post_process and i == last)
             for i, layers in enumerate(layout.chunks)]
-
-
-# ------------------------------------------------------------------ chunk-local <-> global names
-def flatten_model(nested: dict, where: str) -> dict[str, torch.Tensor]:
-    """Megatron-nested model state -> {chunk-local parameter name: tensor}."""
-    flat = {}
-    language_model = nested.get("language_model", {})
-    embedding = language_model.get("embedding", {}).get("word_embeddings", {})
-    for key, tensor in embedding.items():
-        flat["word_embeddings.weight" if key == "weight"
-             else "embedding_layernorm." + key.split(".", 1)[1]] = tensor
-    for key, tensor in language_model.get("encoder", {}).items():
-        flat[key] = tensor
-    if "word_embeddings_for_head" in nested:
-        if "word_embeddings.weight" in flat:
-            raise ReshardError(f"{where}: both an embedding and word_embeddings_for_head")
-        flat["word_embeddings.weight"] = nested["word_embeddings_for_head"]["weight"]
-    return flat
-
-
-def to_global(local: str, chunk: Chunk) -> str:
-    if local == "word_embeddings.weight":
-        return EMBED if chunk.pre_process else HEAD
-    if local.startswith("embedding_layernorm."):
-        return "embed." + local
-    if local.startswith("layers."):
-        _, index, rest = local.split(".", 2)
-        return f"layers.{chunk.layers[int(index)]}.{rest}"
-    return local  # final_layernorm.*
-
-
-def target_names(chunk: Chunk, merged_keys) -> list[tuple[str, str]]:
-    """(chunk-local name, global key) of every parameter of a target chunk, in model order."""
-    names = []
-    if chunk.pre_process or chunk.post_process:
-        names.append(("word_embeddings.weight", EMBED if chunk.pre_process else HEAD))
-    if chunk.pre_process:
-        names += [(k[len("embed."):], k) for k in merged_keys
-                  if k.startswith("embed.embedding_layernorm.")]
-    for i, number in enumerate(chunk.layers):
-        prefix = f"layers.{number}."
-        names += [(f"layers.{i}.{k[len(prefix):]}", k) for k in merged_keys if k.startswith(prefix)]
-    if chunk.post_process:
-        names += [(k, k) for k in merged_keys if k.startswith("final_layernorm.")]
-    return names
-
-
-def nest_model(flat: list[tuple[str, torch.Tensor]], pre_process: bool) -> dict:
-    """{chunk-local name: tensor} -> Megatron's nesting (checkpointing._megatron_key)."""
-    nested: dict = {}
-    for name, tensor in flat:
-        if name == "word_embeddings.weight":
-            path = (("language_model", "embedding", "word_embeddings", "weight") if pre_process
-                    else ("word_embeddings_for_head", "weight"))
-        elif name.startswith("embedding_layernorm."):
-            path = ("language_model", "embedding", "word_embeddings",
-                    "norm." + name.split(".", 1)[1])
-        else:
-            path = ("language_model", "encoder", name)
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tensor
-    return nested
 
 
 # ------------------------------------------------------------------------------------ merging
@@ -209,9 +120,9 @@ def open_checkpoint(input_folder: str, iteration: int | str | None = None) -> So
     if not os.path.isdir(source_dir):
         raise ReshardError(f"{source_dir} does not exist (iteration {iteration})")
     first_file = None
-    for name in sorted(os.listdir(source_dir)):
-        candidate = os.path.join(source_dir, name, "model_optim_rng.pt")
-        if name.startswith("mp_rank_") and os.path.isfile(candidate):
+    for name in rank_dirs(source_dir):
+        candidate = os.path.join(source_dir, name, RANK_FILENAME)
+        if os.path.isfile(candidate):
             first_file = candidate
             break
     if first_file is None:
@@ -241,7 +152,7 @@ def merge_stage_model(layout: list[Chunk], states: list[dict], paths: list[str],
     merged tensor}: split tensors concatenated, replicated ones checked equal (rank 0's kept)."""
     merged = {}
     for c, chunk in enumerate(layout):
-        key = "model" if len(layout) == 1 else f"model{c}"
+        key = model_key(c, len(layout))
         flats = []
         for state, path in zip(states, paths):
             if key not in state:
@@ -385,9 +296,7 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
 
     # Write the target, one rank file at a time, into iter_N.tmp.
     final = os.path.join(output_folder, iteration_dir_name(iteration))
-    staging = final + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = fresh_staging(final)
     new_args = dict(args, tensor_model_parallel_size=target_tp,
                     pipeline_model_parallel_size=target_pp, padded_vocab_size=target_padded,
                     virtual_pipeline_chunks=1)
@@ -430,24 +339,20 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
                 state["optimizer"] = dict(common["optimizer"], param_groups=groups,
                                           state=opt_state)
             path = rank_file(staging, t, p, target_pp)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            save_atomically(state, path)
             log(f"wrote {rank_file(final, t, p, target_pp)} (layers {chunk.layers[0]}-"
                 f"{chunk.layers[-1]}{', embedding' if chunk.pre_process else ''}"
                 f"{', head' if chunk.post_process else ''})")
             del state
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    write_atomically(os.path.join(output_folder, TRACKER_FILENAME), str(iteration))
+    publish(staging, final)
+    write_tracker(output_folder, iteration)
     log(f"done: {final} (tracker {os.path.join(output_folder, TRACKER_FILENAME)} -> {iteration}); "
         f"RNG states were dropped (a resumed run keeps its seeded RNG)")
     return final
 
 
 def read_rank_file(path: str) -> dict:
-    """checkpointing.read_checkpoint_file, its error as a ReshardError."""
+    """io.read_checkpoint_file, its error as a ReshardError."""
     try:
         return read_checkpoint_file(path)
     except CheckpointError as error:

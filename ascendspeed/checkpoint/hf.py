@@ -1,267 +1,72 @@
-"""Convert between Hugging Face `BloomForCausalLM` directories and our checkpoint layout
-(ascendspeed.checkpointing: Megatron's `DIR/{release,iter_N}/mp_rank_TT[_PPP]/model_optim_rng.pt`).
+"""Hugging Face BloomForCausalLM <-> our checkpoints (save_load.py's, in layout.py's layout:
+`DIR/{release,iter_N}/mp_rank_TT[_PPP]/model_optim_rng.pt`); names and TP splits from tensors.py.
 
-HF -> ours reads from a *tensor source*: anything with `hf_config()` (HF BloomConfig fields),
-`keys()` (HF names without the `transformer.` prefix) and `get(name)` (the full tensor).
-`HFDirectorySource` reads a HF directory lazily (safetensors or .bin, single or sharded);
-ascendspeed.checkpoint_megatron_deepspeed.MegatronDeepSpeedSource reads a Megatron-DeepSpeed
-checkpoint. A source may also offer `shape(name)` and `narrow(name, dim, start, stop)`; then
-each rank file reads only its slices. Target rank files are written one at a time, each built
-from the tensors it needs, as iteration "release" (Megatron's convention for converted weights:
-loading starts at iteration 0 with a fresh optimizer). `checkpoint_info` records the HF row count
-(`hf_vocab_size`) and config (`hf_config`), so the way back is exact.
+HF -> ours reads from a tensor source (hf_source.py: a HF directory, or megatron_deepspeed.py's
+Megatron-DeepSpeed reader). Target rank files are written one at a time, each built from the
+tensors it needs (read as slices when the source can), as iteration "release" (Megatron's
+convention for converted weights: loading starts at iteration 0 with a fresh optimizer).
+`checkpoint_info` records the HF row count (`hf_vocab_size`) and config (`hf_config`), so the way
+back is exact.
 
-Ours -> HF merges one pipeline stage's TP files at a time (checkpoint_reshard's helpers) and
-writes one safetensors shard per stage, the index, and config.json; the tied head is not stored.
+Ours -> HF merges one pipeline stage's TP files at a time (reshard.py's helpers) and writes one
+safetensors shard per stage, the index, and config.json; the tied head is not stored.
 
 Both directions write into `OUTPUT.tmp` and rename it when complete: nothing half-written
-appears under the output name.
+appears under the output name. `shard_from_hf` cuts one TP rank's state dict of a whole
+BloomModel from an HF state dict in memory (tests, benchmarks).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Iterable, Protocol
 
 import torch
 
-from ascendspeed.checkpoint_reshard import (EMBED, HEAD, Chunk, check_divisible, chunk_layout,
-                                            merge_stage_model, nest_model, open_checkpoint,
-                                            read_rank_file, split_dim, target_names, to_global)
-from ascendspeed.checkpointing import (CHECKPOINT_VERSION, TRACKER_FILENAME, iteration_dir_name,
-                                       rank_file, write_atomically)
+from ascendspeed.checkpoint.hf_source import Reader, TensorSource
+from ascendspeed.checkpoint.io import (fresh_staging, publish, save_atomically, write_atomically,
+                                       write_tracker)
+from ascendspeed.checkpoint.layout import CHECKPOINT_VERSION, iteration_dir_name, rank_file
+from ascendspeed.checkpoint.reshard import (check_divisible, chunk_layout, merge_stage_model,
+                                            open_checkpoint, read_rank_file)
+from ascendspeed.checkpoint.tensors import (EMBED, FINAL_LAYERNORM, HEAD_COPY, HF_PREFIX,
+                                            WORD_EMBEDDINGS, Chunk, TensorSpec, chunk_tensors,
+                                            nest_model, parse_hf, whole_model)
 from ascendspeed.core.pipeline_parallel.partition import validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
 from ascendspeed.errors import ConvertError, PipelinePartitionError
-from ascendspeed.model import hf_bloom
-from ascendspeed.model.bloom import BloomConfig as OurBloomConfig
 
-HF_PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
 DEFAULT_SEQ_LENGTH = 2048  # ALiBi has no position limit; a run's --seq-length may differ
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
 
-class TensorSource(Protocol):
-    def hf_config(self) -> dict: ...
-
-    def keys(self) -> Iterable[str]: ...
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-
-# ------------------------------------------------------------------------ HF directory source
-class HFDirectorySource:
-    """A BloomForCausalLM directory: config.json plus model.safetensors, sharded safetensors
-    (model.safetensors.index.json), pytorch_model.bin or sharded .bin. Tensors are read on
-    demand (safetensors slices; .bin files memory-mapped)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise ConvertError(f"{config_path} does not exist (not a Hugging Face model directory)")
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                self._config = json.load(f)
-        except (OSError, ValueError) as error:
-            raise ConvertError(f"{config_path}: cannot be read as JSON ({error})") from None
-        self._handles: dict[str, object] = {}
-        self._where: dict[str, tuple[str, str]] = {}  # name -> (file, key stored in it)
-        self.listing = self._discover()
-
-    def _discover(self) -> str:
-        """Fill the name -> (file, key) map; the file that lists the names (for messages)."""
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = os.path.join(self.path, index_name)
-            if os.path.isfile(index):
-                try:
-                    with open(index, encoding="utf-8") as f:
-                        weight_map = json.load(f)["weight_map"]
-                except (OSError, ValueError, KeyError) as error:
-                    raise ConvertError(f"{index}: not a weight index ({error!r})") from None
-                for key, file in weight_map.items():
-                    path = os.path.join(self.path, file)
-                    if not os.path.isfile(path):
-                        raise ConvertError(f"{path} is missing ({index} names it for {key})")
-                    self._add(key, path)
-                return index
-            path = os.path.join(self.path, single)
-            if os.path.isfile(path):
-                for key in self._open(path).keys():
-                    self._add(key, path)
-                return path
-        raise ConvertError(f"{self.path}: no model.safetensors, model.safetensors.index.json, "
-                           f"pytorch_model.bin or pytorch_model.bin.index.json")
-
-    def _add(self, key: str, path: str) -> None:
-        name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
-        self._where[name] = (path, key)
-
-    def _open(self, path: str):
-        if path not in self._handles:
-            try:
-                if path.endswith(".safetensors"):
-                    from safetensors import safe_open
-                    self._handles[path] = safe_open(path, framework="pt", device="cpu")
-                else:
-                    self._handles[path] = _load_bin(path)
-            except Exception as error:  # truncated, corrupt, or holding pickled code
-                raise ConvertError(f"{path}: cannot be read ({type(error).__name__}: "
-                                   f"{_first_line(error)})") from None
-            if not hasattr(self._handles[path], "keys"):
-                raise ConvertError(f"{path}: holds no state dict")
-        return self._handles[path]
-
-    def hf_config(self) -> dict:
-        return dict(self._config)
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def where(self, name: str) -> str:
-        return self._where[name][0] if name in self._where else self.listing
-
-    def _tensor(self, name: str):
-        """The stored tensor (.bin: memory-mapped) or safetensors slice of `name`."""
-        if name not in self._where:
-            raise ConvertError(f"{self.listing}: no tensor {HF_PREFIX}{name}")
-        path, key = self._where[name]
-        handle = self._open(path)
-        try:
-            if path.endswith(".safetensors"):
-                return handle.get_slice(key)
-            return handle[key]
-        except Exception as error:
-            raise ConvertError(f"{path}: cannot read tensor {key} ({type(error).__name__}: "
-                               f"{_first_line(error)})") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        stored = self._tensor(name)
-        return tuple(stored.shape) if torch.is_tensor(stored) else tuple(stored.get_shape())
-
-    def narrow(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        stored = self._tensor(name)
-        try:
-            if torch.is_tensor(stored):
-                return stored.narrow(dim, start, stop - start)
-            return stored[start:stop] if dim == 0 else stored[:, start:stop]
-        except Exception as error:
-            raise ConvertError(f"{self.where(name)}: cannot read tensor {name} "
-                               f"({type(error).__name__}: {_first_line(error)})") from None
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.narrow(name, 0, 0, self.shape(name)[0])
-
-
-def _load_bin(path: str) -> dict:
-    """A .bin state dict, memory-mapped (tensors are read when touched); files written before
-    torch's zip format cannot be mapped and are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error)
-    return text.splitlines()[0][:200] if text else ""
-
-
-class _Reader:
-    """shape/narrow over any tensor source: native when it has them, else from get() (the last
-    tensor kept, so that a rank's slices of one tensor load it once). Errors name the source."""
-
-    def __init__(self, source: TensorSource, where: str):
-        self.source, self.where = source, where
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def _full(self, name: str) -> torch.Tensor:
-        if self._last is None or self._last[0] != name:
-            self._last = None  # free the previous tensor before reading the next
-            try:
-                self._last = (name, self.source.get(name))
-            except ConvertError:
-                raise
-            except Exception as error:
-                raise ConvertError(f"{self.where}: cannot read tensor {name} "
-                                   f"({type(error).__name__}: {_first_line(error)})") from None
-        return self._last[1]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if hasattr(self.source, "shape"):
-            return tuple(self.source.shape(name))
-        return tuple(self._full(name).shape)
-
-    def narrow(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        if hasattr(self.source, "narrow"):
-            return self.source.narrow(name, dim, start, stop)
-        return self._full(name).narrow(dim, start, stop - start)
-
-    def where_is(self, name: str) -> str:
-        return self.source.where(name) if hasattr(self.source, "where") else self.where
-
-
-# --------------------------------------------------------------------------------- name maps
+# --------------------------------------------------------------------------------- names
 def hf_names(num_layers: int) -> dict[str, str]:
-    """Global parameter key (checkpoint_reshard's) -> HF name without the prefix."""
-    ours = OurBloomConfig(vocab_size=1, hidden_size=1, num_layers=num_layers,
-                          num_attention_heads=1, embed_layernorm=True)
-    whole = Chunk(tuple(range(1, num_layers + 1)), True, True)  # global layer numbers are 1-based
-    return {to_global(local, whole): hf[len(HF_PREFIX):]
-            for local, (hf, _) in hf_bloom.name_map(ours).items()}
+    """Whole-model key (tensors.py's) -> HF name without the prefix, in the model's order."""
+    return {c.key: c.tensor.hf_name(c.number) for c in whole_model(num_layers)}
 
 
 def _expected_shape(hf_name: str, hidden: int, vocab: int) -> tuple[int, ...]:
-    ffn = 4 * hidden  # HF BLOOM's MLP is always 4 h
-    shapes = {"word_embeddings.weight": (vocab, hidden),
-              "self_attention.query_key_value.weight": (3 * hidden, hidden),
-              "self_attention.query_key_value.bias": (3 * hidden,),
-              "self_attention.dense.weight": (hidden, hidden),
-              "mlp.dense_h_to_4h.weight": (ffn, hidden), "mlp.dense_h_to_4h.bias": (ffn,),
-              "mlp.dense_4h_to_h.weight": (hidden, ffn)}
-    for suffix, shape in shapes.items():
-        if hf_name == suffix or hf_name.endswith("." + suffix):
-            return shape
-    return (hidden,)  # LayerNorms and row-parallel biases
+    return parse_hf(hf_name)[0].full_shape(vocab, hidden, 4 * hidden)  # HF BLOOM's MLP is 4 h
 
 
 # ------------------------------------------------------------------------------------ output
-def _staging(output: str, force: bool) -> str:
-    """Refuse a non-empty output (unless `force`); a fresh temporary directory beside it."""
+def _into_staging(output: str, force: bool, write) -> str:
+    """Refuse a non-empty `output` (unless `force`); run `write(staging)` in a fresh temporary
+    directory beside it and rename that to `output` if it succeeds, else remove it."""
     output = os.path.normpath(output)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not force:
         raise ConvertError(f"{output} exists and is not empty (give --force to replace it)")
-    staging = output + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt
-    os.makedirs(staging)
-    return staging
-
-
-def _publish(staging: str, output: str) -> None:
-    output = os.path.normpath(output)
-    if os.path.isdir(output):
-        shutil.rmtree(output)
-    elif os.path.exists(output):
-        os.remove(output)
-    os.replace(staging, output)
-
-
-def _into_staging(output: str, force: bool, write) -> str:
-    """Run `write(staging)`; rename the staging dir to `output` if it succeeds, else remove it."""
-    staging = _staging(output, force)
+    staging = fresh_staging(output)
     try:
         write(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish(staging, output)
-    return os.path.normpath(output)
+    publish(staging, output)
+    return output
 
 
 def _describe(chunk: Chunk) -> str:
@@ -291,15 +96,15 @@ def _hf_bloom_config(config: dict, where: str):
     return hf
 
 
-def _rank_tensor(reader: _Reader, hf_name: str, local: str, tp: int, tp_rank: int, rows: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _rank_tensor(reader: Reader, hf_name: str, spec: TensorSpec, tp: int, tp_rank: int,
+                 rows: int, dtype: torch.dtype) -> torch.Tensor:
     """This TP rank's slice of one HF tensor (the vocabulary zero-padded to `rows`)."""
-    dim = split_dim(local)
+    dim = spec.split_dim
     full = reader.shape(hf_name)
     if dim is None:
         tensor = reader.narrow(hf_name, 0, 0, full[0])
     else:
-        size = rows if local == "word_embeddings.weight" else full[dim]
+        size = rows if spec.shape[dim] == "V" else full[dim]
         start, stop = tp_rank * size // tp, (tp_rank + 1) * size // tp
         real = min(stop, full[dim])  # rows past the HF vocabulary are padding: zeros
         tensor = reader.narrow(hf_name, dim, start, real) if real > start else \
@@ -311,7 +116,7 @@ def _rank_tensor(reader: _Reader, hf_name: str, local: str, tp: int, tp_rank: in
     return tensor.to(dtype=dtype, copy=True).contiguous()
 
 
-def _check_source(reader: _Reader, names: dict[str, str], keys: set[str], hidden: int,
+def _check_source(reader: Reader, names: dict[str, str], keys: set[str], hidden: int,
                   vocab: int) -> None:
     for hf_name in names.values():
         if hf_name not in keys:
@@ -323,22 +128,22 @@ def _check_source(reader: _Reader, names: dict[str, str], keys: set[str], hidden
         _check_shape(reader, hf_name, hidden, vocab)
 
 
-def _check_shape(reader: _Reader, hf_name: str, hidden: int, vocab: int) -> None:
+def _check_shape(reader: Reader, hf_name: str, hidden: int, vocab: int) -> None:
     expected, found = _expected_shape(hf_name, hidden, vocab), reader.shape(hf_name)
     if expected != found:
         raise ConvertError(f"{reader.where_is(hf_name)}: tensor {hf_name} has shape {found}, the "
                            f"config (hidden_size {hidden}, vocab_size {vocab}) needs {expected}")
 
 
-def _check_tied_head(reader: _Reader, keys: set[str], log) -> None:
+def _check_tied_head(reader: Reader, keys: set[str], log) -> None:
     """BLOOM ties the head to the embedding: an lm_head.weight is ignored, with a warning if it
     differs (compared in blocks of rows, so that two full embeddings are never held)."""
     if LM_HEAD not in keys:
         return
-    embedding = "word_embeddings.weight"
+    embedding = WORD_EMBEDDINGS.hf
     head_shape, shape = reader.shape(LM_HEAD), reader.shape(embedding)
     if head_shape != shape:
-        log(f"WARNING: {LM_HEAD} has shape {head_shape}, word_embeddings.weight {shape}; BLOOM "
+        log(f"WARNING: {LM_HEAD} has shape {head_shape}, {embedding} {shape}; BLOOM "
             f"ties them, so {LM_HEAD} is ignored")
         return
     step = 1024 if hasattr(reader.source, "narrow") else shape[0]
@@ -349,7 +154,7 @@ def _check_tied_head(reader: _Reader, keys: set[str], log) -> None:
         rows = reader.narrow(embedding, 0, start, stop)
         diff = max(diff, (head.double() - rows.double()).abs().max().item())
     if diff:
-        log(f"WARNING: {LM_HEAD} differs from word_embeddings.weight (max abs difference "
+        log(f"WARNING: {LM_HEAD} differs from {embedding} (max abs difference "
             f"{diff:.3g}); BLOOM ties them, so {LM_HEAD} is ignored")
 
 
@@ -365,11 +170,11 @@ def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target
     hf = _hf_bloom_config(config, where)
     hf_rows, hidden, layers = hf.vocab_size, hf.hidden_size, hf.n_layer
     keys = set(source.keys())
-    reader = _Reader(source, where)
+    reader = Reader(source, where)
     names = hf_names(layers)
     _check_source(reader, names, keys, hidden, hf_rows)
     if params_dtype is None:
-        params_dtype = str(source.get("ln_f.weight").dtype).replace("torch.", "")
+        params_dtype = str(source.get(FINAL_LAYERNORM[0].hf).dtype).replace("torch.", "")
     dtype_name = DTYPES.get(params_dtype)
     if dtype_name is None:
         raise ConvertError(f"params dtype {params_dtype!r}: expected fp32, bf16 or fp16")
@@ -407,23 +212,22 @@ def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target
             (chunk,) = chunk_layout(args, target_pp, p, 1)
             for t in range(target_tp):
                 flat = []
-                for local, key in target_names(chunk, names):
-                    hf_name = names[EMBED if key == HEAD else key]
+                for c in chunk_tensors(chunk):
+                    hf_name = c.tensor.hf_name(c.number)  # the head copy: the tied embedding
                     if not hasattr(source, "shape"):
                         _check_shape(reader, hf_name, hidden, hf_rows)
-                    flat.append((local, _rank_tensor(reader, hf_name, local, target_tp, t,
-                                                     padded, dtype)))
+                    flat.append((c.local, _rank_tensor(reader, hf_name, c.tensor, target_tp, t,
+                                                       padded, dtype)))
                 state = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
                          "consumed_train_samples": 0, "consumed_valid_samples": 0, "tokens": 0,
                          "args": args, "checkpoint_info": info,
                          "model": nest_model(flat, chunk.pre_process)}
                 path = rank_file(iteration_dir, t, p, target_pp)
-                os.makedirs(os.path.dirname(path))
-                torch.save(state, path)
+                save_atomically(state, path)
                 del state, flat
                 log(f"wrote {os.path.join(final_dir, os.path.relpath(path, staging))} "
                     f"({_describe(chunk)})")
-        write_atomically(os.path.join(staging, TRACKER_FILENAME), "release")  # tracker last
+        write_tracker(staging, "release")  # tracker last
 
     final = _into_staging(output, force, write)
     log(f"done: {final} (tracker -> release; load with pretrain_bloom.py --load {final} "
@@ -475,7 +279,7 @@ def _without_head_copy(state: dict) -> dict:
     embedding once, and merging the copy would cost a full embedding of memory."""
     for key, model in state.items():
         if key.startswith("model") and isinstance(model, dict):
-            model.pop("word_embeddings_for_head", None)
+            model.pop(HEAD_COPY.megatron[0], None)  # word_embeddings_for_head
     return state
 
 
@@ -543,3 +347,23 @@ def megatron_to_hf(input_folder: str, output: str, iteration: int | str | None =
     final = _into_staging(output, force, write)
     log(f"done: {final} (BloomForCausalLM.from_pretrained({final!r}))")
     return final
+
+
+# --------------------------------------------------------------------------- in memory
+def shard_from_hf(hf_state_dict: dict[str, torch.Tensor], config, tp_rank: int,
+                  tp_size: int) -> dict[str, torch.Tensor]:
+    """Our TP rank's state dict of a whole BloomModel (`config`: its BloomConfig) from a full HF
+    BloomForCausalLM state dict (the vocabulary padded with zero rows)."""
+    out = {}
+    for c in whole_model(config.num_layers, config.embed_layernorm):
+        hf = HF_PREFIX + c.tensor.hf_name(c.number)
+        if hf not in hf_state_dict:
+            raise KeyError(f"Hugging Face checkpoint has no {hf} (needed for {c.local})")
+        tensor = hf_state_dict[hf]
+        if c.tensor is WORD_EMBEDDINGS and tensor.shape[0] < config.vocab_size:
+            padding = tensor.new_zeros(config.vocab_size - tensor.shape[0], tensor.shape[1])
+            tensor = torch.cat([tensor, padding])
+        if c.tensor.split_dim is not None:
+            tensor = tensor.chunk(tp_size, dim=c.tensor.split_dim)[tp_rank]
+        out[c.local] = tensor.clone().contiguous()
+    return out

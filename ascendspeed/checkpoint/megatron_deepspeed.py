@@ -1,21 +1,20 @@
 """Read a Megatron-DeepSpeed BLOOM pipeline checkpoint (the BigScience BLOOM layout) as full,
 TP-merged tensors under Hugging Face BloomModel names (no `transformer.` prefix).
 
-Layout (specs/bloom_model.md §3a):
+Layout (as Megatron-DeepSpeed writes a BLOOM pipeline model):
 
     DIR/latest                                   text: the tag, e.g. "global_step95000"
     DIR/global_stepN/layer_01-model_TT-model_states.pt      embedding: word_embeddings.weight
                                                             [V/TP, H], word_embeddings.norm.{weight,bias}
-    DIR/global_stepN/layer_{i+3}-model_TT-model_states.pt   block i (TP-sharded per §2.1)
+    DIR/global_stepN/layer_{i+3}-model_TT-model_states.pt   block i (TP-sharded as checkpoint/tensors.py says)
     DIR/global_stepN/layer_{L+4}-model_TT-model_states.pt   final LayerNorm: bare weight, bias
     DIR/global_stepN/mp_rank_MM_model_states.pt             args (argparse.Namespace), iteration,
                                                             checkpoint_info, ... (optional here)
 
-`TT` is the TP rank; optimizer files are ignored. Tensors are merged across TP as in §3c / §2.1:
-concatenated on dim 0 (word embeddings, query_key_value, dense_h_to_4h), on dim 1
-(self_attention.dense.weight, dense_4h_to_h.weight); replicated ones (LayerNorms, row-parallel
-biases) are taken from rank 0 when all ranks are bitwise equal, else averaged in fp32 (BLOOM's
-TP copies drifted, §2.4) with a warning.
+`TT` is the TP rank; optimizer files are ignored. Which file and key hold each tensor, and its
+TP split, are tensors.py's table (its deepspeed and split_dim columns). Split tensors are
+concatenated on their split dim; replicated ones are taken from rank 0 when all ranks are bitwise
+equal, else averaged in fp32 (BLOOM's TP copies drifted, §2.4) with a warning.
 
 Memory: `get` loads (memory-mapped) only the TP files of the layer its tensor lives in and keeps
 only the most recently loaded layer, so a 176B checkpoint is read one layer at a time.
@@ -34,24 +33,12 @@ from typing import Any, Callable
 
 import torch
 
-from ascendspeed.checkpoint_reshard import split_dim
+from ascendspeed.checkpoint.tensors import (DEEPSPEED_EMBEDDING_LAYER, DEEPSPEED_FINAL_OFFSET,
+                                            WORD_EMBEDDINGS, hf_split_dim, parse_hf, whole_model)
 from ascendspeed.errors import MegatronDeepSpeedError
 
-EMBEDDING_LAYER = 1
-FIRST_BLOCK_LAYER = 3  # block i lives in layer_{i+3}; the final LN in layer_{L+4}
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-BLOCK_NAMES = ("input_layernorm.weight", "input_layernorm.bias",
-               "self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
-               "self_attention.dense.weight", "self_attention.dense.bias",
-               "post_attention_layernorm.weight", "post_attention_layernorm.bias",
-               "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
-               "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
-# Meg-DS key within the layer file -> HF name, for the two non-block layers.
-EMBEDDING_KEYS = {"word_embeddings.weight": "word_embeddings.weight",
-                  "word_embeddings.norm.weight": "word_embeddings_layernorm.weight",
-                  "word_embeddings.norm.bias": "word_embeddings_layernorm.bias"}
-FINAL_KEYS = {"weight": "ln_f.weight", "bias": "ln_f.bias"}
 MEGATRON_ENUM_MODULE = re.compile(r"^megatron(\.\w+)*\.enums$")
 
 
@@ -76,9 +63,8 @@ class MegatronEnum:
 
 
 def concat_dim(name: str) -> int | None:
-    """The TP concat dim of an HF-named tensor (§2.1), None for replicated tensors: the block
-    names are ours too, so the resharder's table answers."""
-    return split_dim(name)
+    """The TP concat dim of an HF-named tensor (§2.1), None for replicated tensors."""
+    return hf_split_dim(name)
 
 
 def _numpy_globals() -> list[Any]:
@@ -223,11 +209,13 @@ class MegatronDeepSpeedSource:
         tp = self._checked("tensor_model_parallel_size", max(r for _, r in present) + 1,
                            self.args.get("tensor_model_parallel_size",
                                          self.args.get("model_parallel_size")))
-        num_layers = self._checked("num_layers", final - 4, self.args.get("num_layers"))
+        num_layers = self._checked("num_layers", final - DEEPSPEED_FINAL_OFFSET,
+                                   self.args.get("num_layers"))
         if num_layers < 1:
             raise MegatronDeepSpeedError(f"{self.step_dir}: highest layer file is layer_{final:02d}; "
                                          "expected the final LayerNorm in layer_{L+4} with L >= 1")
-        layers = [EMBEDDING_LAYER, *range(FIRST_BLOCK_LAYER, num_layers + 3), num_layers + 4]
+        layers = sorted({c.tensor.deepspeed_layer(c.number, num_layers)
+                         for c in whole_model(num_layers)})
         for layer in layers:
             for rank in range(tp):
                 if (layer, rank) not in present:
@@ -237,8 +225,9 @@ class MegatronDeepSpeedSource:
         extra = sorted(layer for layer, _ in present if layer not in layers)
         if extra:
             raise MegatronDeepSpeedError(f"{self.step_dir}: unexpected layer file(s) layer_{extra[0]:02d}"
-                                         f" for L={num_layers} (expected layer_01, layer_03.."
-                                         f"layer_{num_layers + 2:02d}, layer_{num_layers + 4:02d})")
+                                         f" for L={num_layers} (expected layer_{layers[0]:02d}, "
+                                         f"layer_{layers[1]:02d}..layer_{layers[-2]:02d}, "
+                                         f"layer_{layers[-1]:02d})")
         return tp, num_layers, present
 
     def _checked(self, field: str, from_files: int, expected: int | None) -> int:
@@ -254,7 +243,7 @@ class MegatronDeepSpeedSource:
     def hf_config(self) -> dict[str, Any]:
         """transformers BloomConfig fields; sizes from the tensors, the rest from args."""
         # Shapes from the rank shards: no need to concatenate the (7 GB for 176B) embedding.
-        shards = self._parts(EMBEDDING_LAYER, "word_embeddings.weight")
+        shards = self._parts(DEEPSPEED_EMBEDDING_LAYER, WORD_EMBEDDINGS.deepspeed)
         vocab, hidden = sum(s.shape[0] for s in shards), shards[0].shape[1]
         for field, value in (("padded_vocab_size", vocab), ("hidden_size", hidden)):
             if self.args.get(field, value) != value:
@@ -287,21 +276,17 @@ class MegatronDeepSpeedSource:
     # -- tensors --------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         """HF BloomModel names (no `transformer.` prefix), in model order."""
-        names = list(EMBEDDING_KEYS.values())
-        for i in range(self.num_layers):
-            names += [f"h.{i}.{suffix}" for suffix in BLOCK_NAMES]
-        return names + list(FINAL_KEYS.values())
+        return [c.tensor.hf_name(c.number) for c in whole_model(self.num_layers)]
 
     def _locate(self, name: str) -> tuple[int, str]:
         """(layer file index, key within that file) of an HF name."""
-        for table, layer in ((EMBEDDING_KEYS, EMBEDDING_LAYER), (FINAL_KEYS, self.num_layers + 4)):
-            for key, hf_name in table.items():
-                if hf_name == name:
-                    return layer, key
-        m = re.fullmatch(r"h\.(\d+)\.(.+)", name)
-        if m and int(m.group(1)) < self.num_layers and m.group(2) in BLOCK_NAMES:
-            return int(m.group(1)) + FIRST_BLOCK_LAYER, m.group(2)
-        raise KeyError(f"{name}: not a tensor of this checkpoint (see keys())")
+        try:
+            tensor, number = parse_hf(name)
+        except KeyError:
+            tensor, number = None, None
+        if tensor is None or tensor.deepspeed is None or (number or 0) > self.num_layers:
+            raise KeyError(f"{name}: not a tensor of this checkpoint (see keys())")
+        return tensor.deepspeed_layer(number, self.num_layers), tensor.deepspeed
 
     def _path(self, layer: int, tp_rank: int) -> str:
         return os.path.join(self.step_dir, self._files[layer, tp_rank])
