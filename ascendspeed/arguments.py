@@ -260,6 +260,10 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("fused kernels (each has its plain PyTorch reference)")
     group.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                        help="run every op's plain PyTorch reference instead of its fused kernel")
+    group.add_argument("--no-fused-cross-entropy", dest="fused_cross_entropy",
+                       action="store_false",
+                       help="the fp32-copy cross entropy instead of the chunked one that reads the "
+                            "logits in their dtype")
     group.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false",
                        help="foreach AdamW and a per-gradient inf check instead of fused AdamW "
                             "and one fused unscale + inf check")
@@ -1035,10 +1039,12 @@ class PrecisionConfig:
 class KernelConfig:
     """Which fused kernels run; each one's plain PyTorch path stays as its reference."""
     fused_optimizer: bool = True  # fused AdamW step; one fused unscale + inf check
+    fused_cross_entropy: bool = True  # chunked, in the logits' dtype, no fp32 copy of them
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "KernelConfig":
-        return cls(fused_optimizer=args.fused_kernels and args.fused_optimizer)
+        return cls(fused_optimizer=args.fused_kernels and args.fused_optimizer,
+                   fused_cross_entropy=args.fused_kernels and args.fused_cross_entropy)
 
 
 @dataclass(frozen=True)

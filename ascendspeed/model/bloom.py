@@ -27,6 +27,7 @@ from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelL
                                               gather_from_sequence_parallel_region,
                                               get_rng_tracker, vocab_parallel_cross_entropy)
 from ascendspeed.core.tensor_parallel.layers import inference_linear
+from ascendspeed.core.tensor_parallel.cross_entropy import reference_vocab_parallel_cross_entropy
 from ascendspeed.core.tensor_parallel.random import checkpoint
 
 
@@ -53,6 +54,8 @@ class BloomConfig:
     # Sequence parallelism: outside the TP regions (LayerNorms, dropouts, residuals) each TP rank
     # holds s/tp tokens of the activations [b, s/tp, h]. Ignored at TP=1.
     sequence_parallel: bool = False
+    # Fused kernels (each op's plain PyTorch path stays as its reference; --no-fused-kernels).
+    fused_cross_entropy: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -356,4 +359,6 @@ class BloomModel(nn.Module):
                   else F.linear(x, self.word_embeddings.weight))
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+        if self.config.fused_cross_entropy:
+            return vocab_parallel_cross_entropy(logits, labels)
+        return reference_vocab_parallel_cross_entropy(logits, labels)
