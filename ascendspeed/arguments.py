@@ -264,6 +264,13 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        action="store_false",
                        help="the fp32-copy cross entropy instead of the chunked one that reads the "
                             "logits in their dtype")
+    group.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                       help="(Megatron's flag) the written-out bias + BLOOM GeLU instead of the "
+                            "fused one that saves only its input")
+    group.add_argument("--no-fused-attention", "--no-masked-softmax-fusion", dest="fused_attention",
+                       action="store_false",
+                       help="SDPA with an additive ALiBi bias instead of the fused causal ALiBi "
+                            "kernel (Megatron's --no-masked-softmax-fusion means the same here)")
     group.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false",
                        help="foreach AdamW and a per-gradient inf check instead of fused AdamW "
                             "and one fused unscale + inf check")
@@ -1040,11 +1047,15 @@ class KernelConfig:
     """Which fused kernels run; each one's plain PyTorch path stays as its reference."""
     fused_optimizer: bool = True  # fused AdamW step; one fused unscale + inf check
     fused_cross_entropy: bool = True  # chunked, in the logits' dtype, no fp32 copy of them
+    bias_gelu_fusion: bool = True  # bias + GeLU saving only its input, ATen's gelu kernels
+    fused_attention: bool = True  # the C++ causal ALiBi kernel (model/fused.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "KernelConfig":
         return cls(fused_optimizer=args.fused_kernels and args.fused_optimizer,
-                   fused_cross_entropy=args.fused_kernels and args.fused_cross_entropy)
+                   fused_cross_entropy=args.fused_kernels and args.fused_cross_entropy,
+                   bias_gelu_fusion=args.fused_kernels and args.bias_gelu_fusion,
+                   fused_attention=args.fused_kernels and args.fused_attention)
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomMod
                         params_dtype=getattr(torch, config.precision.params_dtype),
                         recompute_granularity=m.recompute_granularity,
                         sequence_parallel=config.parallel.sequence_parallel,
-                        fused_cross_entropy=config.kernels.fused_cross_entropy)
+                        fused_cross_entropy=config.kernels.fused_cross_entropy,
+                        fused_bias_gelu=config.kernels.bias_gelu_fusion,
+                        fused_attention=config.kernels.fused_attention)
     parallel = config.parallel
     layout = stage_layout(m.num_layers, parallel.pipeline_model_parallel_size,
                           ps.get_pipeline_model_parallel_rank(),

@@ -45,6 +45,7 @@ class GenerationSetup:
     padded_vocab_size: int
     params_dtype: str
     saved_args: dict
+    fused_kernels: bool = True  # --no-fused-kernels: every op's reference path
 
     @property
     def context_length(self) -> int:
@@ -114,7 +115,8 @@ def prepare(args: argparse.Namespace, world_size: int, log=print) -> GenerationS
     return GenerationSetup(load=args.load, model=model, tokenizer=tokenizer,
                            tensor_model_parallel_size=args.tensor_model_parallel_size,
                            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                           padded_vocab_size=padded, params_dtype=dtype, saved_args=saved)
+                           padded_vocab_size=padded, params_dtype=dtype, saved_args=saved,
+                           fused_kernels=args.fused_kernels)
 
 
 def build_stage(setup: GenerationSetup) -> BloomModel:
@@ -124,7 +126,9 @@ def build_stage(setup: GenerationSetup) -> BloomModel:
                          num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                          ffn_hidden_size=m.ffn_hidden_size, layernorm_epsilon=m.layernorm_epsilon,
                          embed_layernorm=m.embed_layernorm,
-                         params_dtype=getattr(torch, setup.params_dtype))
+                         params_dtype=getattr(torch, setup.params_dtype),
+                         fused_attention=setup.fused_kernels, fused_bias_gelu=setup.fused_kernels,
+                         fused_cross_entropy=setup.fused_kernels)
     layout = stage_layout(m.num_layers, setup.pipeline_model_parallel_size,
                           ps.get_pipeline_model_parallel_rank(),
                           partition_method=setup.saved_args.get("pp_partition_method"),

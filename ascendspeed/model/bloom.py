@@ -12,6 +12,8 @@ layers are split by columns, by rows or by vocabulary.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,6 +31,10 @@ from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelL
 from ascendspeed.core.tensor_parallel.layers import inference_linear
 from ascendspeed.core.tensor_parallel.cross_entropy import reference_vocab_parallel_cross_entropy
 from ascendspeed.core.tensor_parallel.random import checkpoint
+from ascendspeed.model import fused
+from ascendspeed.model.bias_gelu import bias_gelu
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class BloomConfig:
     sequence_parallel: bool = False
     # Fused kernels (each op's plain PyTorch path stays as its reference; --no-fused-kernels).
     fused_cross_entropy: bool = True
+    fused_bias_gelu: bool = True
+    fused_attention: bool = True  # the C++ causal ALiBi kernel where it applies (model/fused.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -128,6 +136,17 @@ def _normal(std: float, generator: torch.Generator):
     return lambda tensor: tensor.normal_(0.0, std, generator=generator)
 
 
+@dataclass
+class AttentionMask:
+    """What every layer's attention needs, built once per forward: the additive fp32 bias for
+    the reference path (SDPA), or, for the fused kernel (bias None), this rank's slopes, the
+    left padding of each row and the global position of the first query (cached tokens)."""
+    slopes: torch.Tensor
+    bias: torch.Tensor | None = None
+    key_offset: torch.Tensor | None = None
+    query_start: int = 0
+
+
 class BloomAttention(nn.Module):
     def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
         super().__init__()
@@ -143,7 +162,7 @@ class BloomAttention(nn.Module):
         self.dense = RowParallelLinear(h, h, _normal(output_std, generator), skip_bias_add=True,
                                        params_dtype=dtype, sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: InferenceCache | None = None,
+    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: InferenceCache | None = None,
                 layer_number: int = 0):
         inference = cache is not None
         # under sequence parallelism: the full sequence, gathered
@@ -154,20 +173,25 @@ class BloomAttention(nn.Module):
         if cache is not None:  # generation: keys/values over past + new tokens
             k, v = cache.extend(layer_number, k, v)
         if self.training and self.recompute_core:
-            context = checkpoint(self._core, q, k, v, bias)
+            context = checkpoint(self._core, q, k, v, mask)
         else:
-            context = self._core(q, k, v, bias)
-        context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+            context = self._core(q, k, v, mask)
+        context = context.reshape(b, s, self.heads * self.head_dim)  # from [b, s, heads, hd]
         return self.dense.forward_inference(context) if inference else self.dense(context)
 
-
-    def _core(self, q, k, v, bias):
-        """softmax(q k^T / sqrt(hd) + bias) v with attention dropout, per head."""
+    def _core(self, q, k, v, mask: AttentionMask):
+        """softmax(q k^T / sqrt(hd) + ALiBi + mask) v with attention dropout, per head, as
+        [b, s, heads, hd]: the fused kernel when the mask says so, else SDPA with the bias."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if mask.bias is None:
+            return fused.alibi_attention(q, k, v, mask.slopes, key_offset=mask.key_offset,
+                                         query_start=mask.query_start, scale=scale)
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
             # The bias stays fp32 with bf16/fp16 q, k, v: ALiBi in bf16 loses up to 0.5 per score.
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
-                                                  scale=1.0 / math.sqrt(self.head_dim))
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias,
+                                                     dropout_p=dropout, scale=scale)
+        return context.transpose(1, 2)
 
 
 class BloomMLP(nn.Module):
@@ -175,18 +199,21 @@ class BloomMLP(nn.Module):
         super().__init__()
         h, ffn, dtype = config.hidden_size, config.ffn_size, config.params_dtype
         sp = _sequence_parallel(config)
+        self.fused_bias_gelu = config.fused_bias_gelu
         self.dense_h_to_4h = ColumnParallelLinear(h, ffn, _normal(config.init_method_std, generator),
-                                                  params_dtype=dtype, sequence_parallel=sp)
+                                                  params_dtype=dtype, sequence_parallel=sp,
+                                                  skip_bias_add=config.fused_bias_gelu)
         self.dense_4h_to_h = RowParallelLinear(ffn, h, _normal(output_std, generator),
                                                skip_bias_add=True, params_dtype=dtype,
                                                sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, inference: bool = False):
         """`inference`: generation (the layers' forward_inference)."""
+        up = self.dense_h_to_4h.forward_inference(x) if inference else self.dense_h_to_4h(x)
+        activation = bias_gelu(*up) if self.fused_bias_gelu else bloom_gelu(up)
         if inference:
-            return self.dense_4h_to_h.forward_inference(
-                bloom_gelu(self.dense_h_to_4h.forward_inference(x)))
-        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
+            return self.dense_4h_to_h.forward_inference(activation)
+        return self.dense_4h_to_h(activation)
 
 
 class BloomBlock(nn.Module):
@@ -204,10 +231,9 @@ class BloomBlock(nn.Module):
         self.sequence_parallel = sp
         self.layer_number = layer_number
 
-    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor,
+    def forward(self, x: torch.Tensor, mask: AttentionMask,
                 cache: InferenceCache | None = None) -> torch.Tensor:
-        out, bias = self.self_attention(self.input_layernorm(x), attention_bias, cache,
-                                        self.layer_number)
+        out, bias = self.self_attention(self.input_layernorm(x), mask, cache, self.layer_number)
         x = x + _hidden_dropout(out + bias, self.hidden_dropout, self.training, self.sequence_parallel)
         out, bias = self.mlp(self.post_attention_layernorm(x), cache is not None)
         return x + _hidden_dropout(out + bias, self.hidden_dropout, self.training,
@@ -237,6 +263,23 @@ def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel
         with get_rng_tracker().fork():
             return F.dropout(x, p, True)
     return F.dropout(x, p, True)
+
+
+@functools.cache
+def _note_reference_attention(reason: str) -> None:
+    logger.warning("attention: %s; the reference path (SDPA with an ALiBi bias) runs instead of "
+                   "the fused kernel", reason)
+
+
+def _left_padding(attention_mask: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Each row's count of leading padding when the mask [b, total] is left padding only (zeros
+    then ones), else None."""
+    if attention_mask.shape[-1] != total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {total}")
+    real = attention_mask.bool()
+    offset = (real.long().cumsum(-1) == 0).sum(-1)
+    positions = torch.arange(total, device=real.device)
+    return offset if bool((real == (positions[None] >= offset[:, None])).all()) else None
 
 
 def _layer_seed(seed: int, layer_number: int) -> int:
@@ -281,6 +324,22 @@ class BloomModel(nn.Module):
         # Slopes of all heads, then this rank's contiguous block (matching the QKV column split).
         self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads)
                              [rank * heads:(rank + 1) * heads].clone(), persistent=False)
+
+    def attention_mask(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
+                       x: torch.Tensor, past: int = 0) -> AttentionMask:
+        """The fused kernel's arguments when it can run this forward (no attention dropout, a
+        dtype and device it takes, a mask that is only left padding), else the reference bias."""
+        slopes = self.alibi_slopes.to(x.device)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if (self.config.fused_attention and fused.fused_attention_available()
+                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)):
+            key_offset = None if attention_mask is None else _left_padding(attention_mask, past + seq)
+            if dropout == 0.0 and (attention_mask is None or key_offset is not None):
+                return AttentionMask(slopes, key_offset=key_offset, query_start=past)
+            _note_reference_attention("attention dropout > 0" if dropout else
+                                      "an attention mask that is not left padding")
+        return AttentionMask(slopes, bias=self.attention_bias(batch, seq, attention_mask, x.device,
+                                                              past))
 
     def attention_bias(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
                        device, past: int = 0) -> torch.Tensor:
@@ -334,13 +393,13 @@ class BloomModel(nn.Module):
                 raise ValueError("a pipeline stage without the embedding needs hidden_states")
             x = hidden_states
         past = 0 if cache is None else cache.length
-        bias = self.attention_bias(b, s, attention_mask, x.device, past)
+        mask = self.attention_mask(b, s, attention_mask, x, past)
         recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
             if cache is not None:
-                x = layer(x, bias, cache)
+                x = layer(x, mask, cache)
             else:
-                x = checkpoint(layer, x, bias) if recompute else layer(x, bias)
+                x = checkpoint(layer, x, mask) if recompute else layer(x, mask)
         if cache is not None:
             cache.length += s
         if not self.post_process:

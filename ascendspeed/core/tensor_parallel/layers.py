@@ -93,13 +93,15 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output features; the output stays split unless gather_output.
-    With sequence parallelism the input arrives split along the sequence and is all-gathered."""
+    With sequence parallelism the input arrives split along the sequence and is all-gathered.
+    With skip_bias_add the bias is returned for the caller to fuse (bias + GeLU)."""
 
     def __init__(self, input_size: int, output_size: int, init_method: InitMethod, bias: bool = True,
                  gather_output: bool = False, params_dtype=torch.float32, device=None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, skip_bias_add: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
+        self.skip_bias_add = skip_bias_add
         world = ps.get_tensor_model_parallel_world_size()
         self.output_size_per_partition = divide(output_size, world, "the output size")
         self.gather_output = gather_output
@@ -110,16 +112,19 @@ class ColumnParallelLinear(nn.Module):
             zeros = torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device)
             self.bias = _mark(nn.Parameter(zeros), True, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         x = (gather_from_sequence_parallel_region(x) if self.sequence_parallel
              else copy_to_tensor_model_parallel_region(x))
-        y = F.linear(x, self.weight, self.bias)
-        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+        y = gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+        return (y, self.bias) if self.skip_bias_add else y
 
-    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_inference(self, x: torch.Tensor):
         """forward() for generation (no autograd, no sequence parallelism): inference_linear."""
-        y = inference_linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
-        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+        y = inference_linear(copy_to_tensor_model_parallel_region(x), self.weight,
+                             None if self.skip_bias_add else self.bias)
+        y = gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+        return (y, self.bias) if self.skip_bias_add else y
 
 
 class RowParallelLinear(nn.Module):
