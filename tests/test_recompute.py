@@ -9,13 +9,13 @@ from ascendspeed.core.tensor_parallel.random import RNGStatesTracker
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 
 
-def loss_and_grads(recompute: str | None):
+def loss_and_grads(recompute: str | None, attention_dropout: float = 0.3):
     torch.manual_seed(3)
     tracker = get_rng_tracker()
     tracker.reset()
     tracker.add("model-parallel-rng", 99)
     config = BloomConfig(vocab_size=128, hidden_size=32, num_layers=3, num_attention_heads=4,
-                         hidden_dropout=0.3, attention_dropout=0.3,
+                         hidden_dropout=0.3, attention_dropout=attention_dropout,
                          recompute_granularity=recompute)
     model = BloomModel(config).train()
     ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(5))
@@ -26,10 +26,11 @@ def loss_and_grads(recompute: str | None):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, state
 
 
+@pytest.mark.parametrize("attention_dropout", [0.3, 0.0])  # SDPA with the bias; the fused kernel
 @pytest.mark.parametrize("granularity", ["full", "selective"])
-def test_recompute_matches_no_recompute_with_dropout(granularity):
-    plain_loss, plain_grads, plain_state = loss_and_grads(None)
-    loss, grads, state = loss_and_grads(granularity)
+def test_recompute_matches_no_recompute_with_dropout(granularity, attention_dropout):
+    plain_loss, plain_grads, plain_state = loss_and_grads(None, attention_dropout)
+    loss, grads, state = loss_and_grads(granularity, attention_dropout)
     assert loss == plain_loss
     # The replayed forward is the same computation on the same inputs (bitwise on one CPU), so
     # the gradients equal; only the order in which autograd accumulates a parameter's gradient
