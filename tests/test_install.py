@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
@@ -14,6 +16,7 @@ def test_native_module_is_built():
     assert hasattr(_C, "legacy_shuffle") and hasattr(_C, "build_sample_idx")
 
 
+@pytest.mark.multiprocess
 def test_compiler_failure_stops_the_build_with_a_clear_message(tmp_path):
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(os.path.join(REPO_ROOT, name), tmp_path / name)

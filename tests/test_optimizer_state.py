@@ -267,14 +267,16 @@ def test_state_moves_between_zero_and_plain_data_parallel(dp2, name):
 @pytest.mark.multiprocess
 def test_state_moves_between_layouts_with_clipping_within_rounding(dp2):
     """With clipping the grad norm sums in a layout-dependent order (last bits), nothing else:
-    the clip factor differs in its last bits, which AdamW's m / sqrt(v) cancels (both scale
-    alike). Losses, weights and every optimizer-state tensor (exp_avg_sq is ~g^2: compared at its
-    own scale, never with an absolute number) within 8 ulps of their scale."""
+    the clip factor differs in its last bits (the norm's rounding, a few ulps), which enters
+    exp_avg once and exp_avg_sq twice per step and which AdamW's m / sqrt(v) cancels in the
+    weights. Losses, weights and every optimizer-state tensor (exp_avg_sq is ~g^2: compared at
+    its own scale, never with an absolute number) within 32 ulps of their scale (measured: the
+    weights 1 ulp, the state 3); a state entry lost or mismatched is off by ~1e-1 or more."""
     case = dp2["cross_fp32_zero_to_fp32_clipped"]
     assert max_rel_diff_of_values(case["resumed"]["losses"], case["reference"]["losses"]) \
-        <= 8 * FP32_EPS
-    assert case["weights_max_rel_diff"] <= 8 * FP32_EPS
-    assert case["final_state_max_rel_diff"] <= 8 * FP32_EPS
+        <= 32 * FP32_EPS
+    assert case["weights_max_rel_diff"] <= 32 * FP32_EPS
+    assert case["final_state_max_rel_diff"] <= 32 * FP32_EPS
 
 
 @pytest.mark.multiprocess

@@ -17,7 +17,7 @@ from test_pretrain import (corpus, launch, layout_tolerance, losses,  # noqa: F4
                            model_args)
 from tolerances import FORWARD_REL, assert_close_to_scale, assert_values_close
 
-pytestmark = pytest.mark.multiprocess
+# The launching tests are marked multiprocess one by one; the layout refusal runs in this process.
 
 
 # ------------------------------------------------------------------ 1. schedules vs one model
@@ -99,6 +99,7 @@ def _worker() -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_schedules_match_one_whole_model(nproc):
     """Cases (layers, v, micro-batches): warm-up longer than m, m = pp (interleaved: all
@@ -145,6 +146,7 @@ INTERLEAVED = ["--num-layers-per-virtual-pipeline-stage", "1"]
     (4, PP2 + ["--use-distributed-optimizer", "--checkpoint-activations"]),  # DP = 2
 ], ids=["pp2", "tp2-pp2", "pp2-dp2", "tp2-dp2", "pp2-interleaved", "tp2-sequence-parallel",
         "tp2-pp2-interleaved-sequence-parallel", "pp2-dp2-zero1-recompute"])
+@pytest.mark.multiprocess
 def test_parallel_layouts_reproduce_one_process(corpus, reference4, tolerance4, nproc, layout):
     """The equivalence matrix (with tests/test_pretrain.py's two-process layouts): 10 iterations
     of 4 micro-batches of 2 (2 per DP rank with DP = 2), fp32, no dropout, same losses."""
@@ -152,6 +154,7 @@ def test_parallel_layouts_reproduce_one_process(corpus, reference4, tolerance4, 
                        tolerance4)
 
 
+@pytest.mark.multiprocess
 def test_bigscience_partition_reproduces_one_process(corpus, tolerance4):
     """5 layers on 2 stages (an even split refuses them), embedding and head weighing one layer
     each: 3 + 2 blocks. Tolerance: the 4-layer model's (one layer more changes the rounding

@@ -203,10 +203,13 @@ def test_append_eod_needs_an_eod(tmp_path, hf_dir, capsys, monkeypatch):
     assert "--append-eod" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_runs_as_a_script(tmp_path):
     """`python tools/preprocess_data.py` works from any directory (sentencepiece keeps it quick)."""
     model = train_sentencepiece(tmp_path / "sp.model", generated_docs(200), 150)
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in generated_docs(20)])
+    # a plain subprocess (bounded by its timeout), not tests/launch.py: that puts the checkout on
+    # PYTHONPATH, which would hide whether the script finds the repository by itself
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", path,
          "--output-prefix", str(tmp_path / "sp"), "--tokenizer-type", "GPTSentencePieceTokenizer",

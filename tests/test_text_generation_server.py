@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -14,11 +13,12 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO_ROOT, kill_process_tree
-from test_generation import ENV, checkpoint, generate_args  # noqa: F401 (checkpoint: a fixture)
+from launch import REPO_ROOT, kill_process_tree, run_python, start_torchrun
+from test_generation import checkpoint, generate_args  # noqa: F401 (checkpoint: a fixture)
 from test_pretrain import corpus  # noqa: F401 (a fixture)
 
 from ascendspeed.generation import SamplingParams, StageRunner, generate_text, generate_tokens
+from tolerances import assert_logprobs_close
 
 SERVER = os.path.join(REPO_ROOT, "tools", "run_text_generation_server.py")
 CLI = os.path.join(REPO_ROOT, "tools", "text_generation_cli.py")
@@ -58,13 +58,14 @@ def server(checkpoint, tmp_path_factory):
     log = root / "server.log"
     args = generate_args((checkpoint[0], root / "tp2"))[:-2]  # no --max-new-tokens
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node=2", SERVER, *args,
-                                 "--tensor-model-parallel-size", "2", "--port", "0", *LIMITS],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=ENV)
+        proc = start_torchrun(SERVER, [*args, "--tensor-model-parallel-size", "2", "--port", "0",
+                                       *LIMITS], 2, stdout=out, stderr=subprocess.STDOUT,
+                              new_session=False)
     deadline = time.time() + 120
     while not (found := re.search(r"serving on (http://127\.0\.0\.1:\d+/api)", log.read_text())):
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        if proc.poll() is not None or time.time() > deadline:
+            kill_process_tree(proc.pid)
+            pytest.fail(log.read_text()[-3000:], pytrace=False)
         time.sleep(0.2)
     yield found.group(1), proc, log
     if proc.poll() is None:
@@ -82,6 +83,7 @@ def put(url, body, raw=False):
         return error.code, json.loads(error.read())
 
 
+@pytest.mark.multiprocess
 def test_greedy_text_equals_one_process_generate_text(server, reference):
     url = server[0]
     status, answer = put(url, {"prompts": PROMPTS, "tokens_to_generate": 5, "top_k": 1})
@@ -95,6 +97,7 @@ def test_greedy_text_equals_one_process_generate_text(server, reference):
     assert answer["logprobs"] is None
 
 
+@pytest.mark.multiprocess
 def test_logprobs_and_seeded_sampling(server, reference):
     url = server[0]
     status, answer = put(url, {"prompts": PROMPTS, "tokens_to_generate": 5, "top_k": 1,
@@ -107,7 +110,7 @@ def test_logprobs_and_seeded_sampling(server, reference):
                             pad_id=tokenizer.eod)
     for got, want in zip(answer["logprobs"], local):
         assert len(got) == len(want.token_ids) and all(g <= 0 for g in got)
-        assert max(abs(a - b) for a, b in zip(got, want.logprobs)) < 1e-4
+        assert_logprobs_close(got, want.logprobs, what="server TP=2 vs one process")
     body = {"prompts": PROMPTS, "tokens_to_generate": 8, "temperature": 0.9, "top_p": 0.9,
             "random_seed": 3}
     first, second = put(url, body)[1], put(url, body)[1]
@@ -116,6 +119,7 @@ def test_logprobs_and_seeded_sampling(server, reference):
     assert first["text"] == second["text"] == texts
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("body,status,message", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
@@ -148,6 +152,7 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(server, body, sta
     assert status == 200 and answer["text"][0].startswith("hello world")
 
 
+@pytest.mark.multiprocess
 def test_concurrent_requests_are_queued(server, reference):
     bodies = [{"prompts": [p], "tokens_to_generate": 12, "top_k": 1} for p in PROMPTS]
     answers = [None, None]
@@ -166,19 +171,19 @@ def test_concurrent_requests_are_queued(server, reference):
                                                n=12)[0]
 
 
+@pytest.mark.multiprocess
 def test_cli_asks_the_server(server, reference):
     url = server[0]
     text = expected_text(reference, [PROMPTS[0]], SamplingParams(greedy=True))[0][0]
-    run = [sys.executable, CLI, url.replace("http://", "").replace("/api", "")]
-    result = subprocess.run([*run, "--prompt", PROMPTS[0], "--tokens-to-generate", "5",
-                             "--top-k", "1"], capture_output=True, text=True, timeout=60, env=ENV)
+    address = url.replace("http://", "").replace("/api", "")
+    result = run_python(CLI, [address, "--prompt", PROMPTS[0], "--tokens-to-generate", "5",
+                              "--top-k", "1"], timeout=60)
     assert result.returncode == 0 and result.stdout == text + "\n", result.stderr
-    result = subprocess.run(run, input=f"{PROMPTS[0]}\n3\n", capture_output=True, text=True,
-                            timeout=60, env=ENV)  # interactive, Megatron's prompts
+    result = run_python(CLI, [address], input=f"{PROMPTS[0]}\n3\n",
+                        timeout=60)  # interactive, Megatron's prompts
     assert result.returncode == 0, result.stderr
     assert "Enter prompt: " in result.stdout and f"Megatron Response: \n{PROMPTS[0]}" in result.stdout
-    result = subprocess.run([*run, "--prompt", "a", "--tokens-to-generate", "99"],
-                            capture_output=True, text=True, timeout=60, env=ENV)
+    result = run_python(CLI, [address, "--prompt", "a", "--tokens-to-generate", "99"], timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("Error 400: tokens_to_generate must be <= 16")
 
@@ -205,13 +210,14 @@ def test_bad_flags_and_a_taken_port_exit_2(checkpoint, capsys, extra, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.multiprocess
 def test_sigterm_stops_every_rank(server):
     """Last in the module: SIGTERM to torchrun (it forwards it to its workers, each in its own
     session); rank 0 broadcasts STOP, every rank leaves its loop and exits before torchrun's
     SIGKILL would come (30 s)."""
     url, proc, log = server
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                             text=True).stdout.split()
+                             text=True, timeout=30).stdout.split()
     assert len(workers) == 2
     start = time.time()
     proc.terminate()

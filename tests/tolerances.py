@@ -37,7 +37,7 @@ FORWARD_REL = 32 * FP32_EPS  # 3.8e-6
 
 # A result of another summation order is another sample of the same rounding: its distance to
 # the reference is of the size of the measured spread, give or take a few times (reorderings of
-# the same run differed by up to 3x here). 10x the measured spread leaves room for that.
+# the same run differed by 2-3x here). 10x the measured spread leaves room for that.
 SPREAD_FACTOR = 10.0
 
 
@@ -118,5 +118,28 @@ def half_precision_loss_rel(dtype: torch.dtype) -> float:
     batch's token losses carries an error of about the dtype's eps and their mean averages it
     down (measured over 10 steps of 8 x 32 tokens: 1.3e-5 for bf16, 1.4e-6 for fp16). eps / 32
     (2.4e-4 bf16, 3.1e-5 fp16) is ~20x that, and below what a few training steps change in the
-    loss (7e-4 after 4 steps at lr 1e-3: a half-precision run that does not learn fails)."""
+    loss (3e-4 to 1.6e-3 from the 4th iteration on at lr 1e-3 here: a half-precision run that
+    does not learn fails)."""
     return torch.finfo(dtype).eps / 32
+
+
+def _flat(values) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        return values.double().reshape(-1).tolist()
+    if isinstance(values, (list, tuple)):
+        return [x for value in values for x in _flat(value)]
+    return [float(values)]
+
+
+def assert_logprobs_close(actual, expected, *, what: str = "") -> None:
+    """Log-probabilities, or sums of them over a text (nested lists or tensors), by two fp32
+    implementations (ours and Hugging Face's, TP/PP-split or not, batched differently): each
+    value within FORWARD_REL of max(|value|, 1 nat). A log-probability is a difference of logits
+    and carries their rounding (FORWARD_REL of the logits' scale, O(1-10) for these models); a
+    sum over n tokens carries n times that and is itself ~n nats, so it is compared at its own
+    magnitude (measured: 1e-7 of it). An off-by-one window, a token scored twice or dropped, or
+    another context moves a value by a whole token's log-probability (~1 to 10 nats)."""
+    actual, expected = _flat(actual), _flat(expected)
+    assert len(actual) == len(expected), (what, len(actual), len(expected))
+    for a, e in zip(actual, expected):
+        assert abs(a - e) <= FORWARD_REL * max(abs(e), 1.0), (what, a, e)

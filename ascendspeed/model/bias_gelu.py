@@ -5,7 +5,7 @@ written-out formula.
 
 BLOOM's constant 0.79788456 and sqrt(2/pi) are the same float32 number, so in fp32/bf16 (fp32
 arithmetic) this is BLOOM's GeLU; the results differ from the written-out formula only in the
-rounding of the evaluation order (~1 ulp). tests/test_bloom_model.py compares both with HF.
+rounding of the evaluation order (~1 ulp). tests/test_bias_gelu.py compares both with HF.
 """
 from __future__ import annotations
 
