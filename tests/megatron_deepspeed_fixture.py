@@ -1,5 +1,6 @@
-"""Write a synthetic Megatron-DeepSpeed BLOOM pipeline checkpoint (specs/bloom_model.md §3a) from a
-Hugging Face BloomForCausalLM, split per §2.1: what the BigScience BLOOM checkpoints look like,
+"""Write a synthetic Megatron-DeepSpeed BLOOM pipeline checkpoint (the layout that
+ascendspeed/checkpoint/megatron_deepspeed.py reads) from a Hugging Face BloomForCausalLM, TP-split
+as ascendspeed/checkpoint/tensors.py says: what the BigScience BLOOM checkpoints look like,
 down to the mp_rank files' pickled argparse.Namespace, numpy RNG state and Megatron enum."""
 from __future__ import annotations
 

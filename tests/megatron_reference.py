@@ -1,5 +1,5 @@
-"""A deliberately plain re-statement of Megatron's index construction, written from the spec
-(../shared/specs/megatron_data.md) with numpy only: mgrid doc_idx, position-based sample_idx,
+"""A deliberately plain re-statement of Megatron's index construction (docs/data.md walks
+through it) with numpy only: mgrid doc_idx, position-based sample_idx,
 RandomState.shuffle, and the greedy blend. The fast implementation must agree with it exactly."""
 import math
 
