@@ -7,8 +7,9 @@ BloomForCausalLM.generate on the same model, batch, threads and length, greedy, 
 A random BloomForCausalLM of a small but realistic shape; our BloomModel (TP=1) gets the same
 weights through shard_from_hf. The batch is left-padded (prompts of different lengths, with an
 attention mask); both generate exactly --new-tokens per prompt (no EOS). The two are run
-alternately, --repeats times after one warm-up each, so machine noise hits both alike; the median
-time of each gives tokens/s (batch x new tokens / seconds). Greedy tokens must be the same for
+alternately (the order reversed every other round), --repeats times after one warm-up each, so
+machine noise hits both alike; the median time of each gives tokens/s (batch x new tokens /
+seconds). Greedy tokens must be the same for
 both: in fp32 the run fails if they differ; in bf16 (where the two round differently) the share of
 identical tokens is printed.
 """
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -28,8 +27,55 @@ from ascendspeed.generation import SamplingParams, StageRunner, generate_tokens 
 from ascendspeed.generation.generate import left_pad  # noqa: E402
 from ascendspeed.model.bloom import BloomConfig, BloomModel  # noqa: E402
 from ascendspeed.checkpoint.hf import shard_from_hf  # noqa: E402
+from benchmarks.common import alternate, median  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def measure_generation(*, layers=6, hidden=768, heads=12, vocab=32000, prompt_lengths=(16, 32, 48, 64),
+                       new_tokens=64, repeats=4, dtype="fp32") -> dict:
+    """Our generate_tokens and HF generate on the same model and prompts, run alternately
+    (`repeats` timed runs each after one warm-up): median seconds, tokens per second
+    (batch x new tokens / seconds) and how many greedy tokens agree."""
+    import transformers
+
+    torch_dtype = DTYPES[dtype]
+    hf_config = transformers.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers,
+                                         n_head=heads, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    hf = transformers.BloomForCausalLM(hf_config).eval()
+    config = BloomConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                         num_attention_heads=heads, params_dtype=torch_dtype)
+    ours = BloomModel(config)
+    ours.load_state_dict(shard_from_hf(hf.state_dict(), config, 0, 1))
+    hf.to(torch_dtype)
+    hf.generation_config.eos_token_id = None  # always the full length
+    runner = StageRunner(ours, vocab)
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in prompt_lengths]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    new = new_tokens
+    tokens = {}
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                              min_new_tokens=new, pad_token_id=0)
+        tokens["hf"] = out[:, ids.shape[1]:].tolist()
+
+    def run_ours():
+        results = generate_tokens(runner, prompts, max_new_tokens=new,
+                                  sampling=SamplingParams(greedy=True))
+        tokens["ascendspeed"] = [r.token_ids for r in results]
+
+    seconds = alternate({"hf": run_hf, "ascendspeed": run_ours}, repeats, warmup=1)
+    same = sum(a == b for x, y in zip(tokens["hf"], tokens["ascendspeed"]) for a, b in zip(x, y))
+    total = len(prompts) * new
+    assert all(len(t) == new for t in tokens["hf"] + tokens["ascendspeed"]), "a short generation"
+    med = {name: median(s) for name, s in seconds.items()}
+    return {"seconds": seconds, "median": med, "tokens_per_s": {k: total / v for k, v in med.items()},
+            "same": same, "total": total}
 
 
 def main():
@@ -46,64 +92,20 @@ def main():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-
-    import transformers
-
-    hf_config = transformers.BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                         n_layer=args.layers, n_head=args.heads,
-                                         hidden_dropout=0.0, attention_dropout=0.0)
-    torch.manual_seed(0)
-    hf = transformers.BloomForCausalLM(hf_config).eval()
-    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                         num_attention_heads=args.heads, params_dtype=dtype)
-    ours = BloomModel(config)
-    ours.load_state_dict(shard_from_hf(hf.state_dict(), config, 0, 1))
-    hf.to(dtype)
-    hf.generation_config.eos_token_id = None  # always the full length
-    runner = StageRunner(ours, args.vocab)
-
-    lengths = [int(n) for n in args.prompt_lengths.split(",")]
-    generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, args.vocab, (n,), generator=generator).tolist() for n in lengths]
-    ids, mask = left_pad(prompts, 0, "cpu")
-    new = args.new_tokens
-
-    def run_hf():
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                              min_new_tokens=new, pad_token_id=0)
-        return out[:, ids.shape[1]:].tolist()
-
-    def run_ours():
-        results = generate_tokens(runner, prompts, max_new_tokens=new,
-                                  sampling=SamplingParams(greedy=True))
-        return [r.token_ids for r in results]
-
-    runs = {"hf": run_hf, "ascendspeed": run_ours}
-    seconds = {name: [] for name in runs}
-    tokens = {}
-    for repeat in range(args.repeats + 1):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            tokens[name] = fn()
-            if repeat > 0:  # the first run warms caches and allocators
-                seconds[name].append(time.perf_counter() - start)
-
-    same = sum(a == b for x, y in zip(tokens["hf"], tokens["ascendspeed"]) for a, b in zip(x, y))
-    total = len(prompts) * new
-    assert all(len(t) == new for t in tokens["hf"] + tokens["ascendspeed"]), "a short generation"
-    median = {name: statistics.median(s) for name, s in seconds.items()}
-    for name in runs:
-        spread = ", ".join(f"{s:.2f}" for s in seconds[name])
-        print(f"{name:>12}: {total / median[name]:8.1f} tokens/s  (median {median[name]:.2f} s; "
+    r = measure_generation(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                           vocab=args.vocab,
+                           prompt_lengths=[int(n) for n in args.prompt_lengths.split(",")],
+                           new_tokens=args.new_tokens, repeats=args.repeats, dtype=args.dtype)
+    for name in ("hf", "ascendspeed"):
+        spread = ", ".join(f"{s:.2f}" for s in r["seconds"][name])
+        print(f"{name:>12}: {r['tokens_per_s'][name]:8.1f} tokens/s  (median {r['median'][name]:.2f} s; "
               f"runs {spread})")
-    print(f"same greedy tokens: {same}/{total}")
-    print(f"ratio ours/HF tokens/s: {median['hf'] / median['ascendspeed']:.2f}x "
+    print(f"same greedy tokens: {r['same']}/{r['total']}")
+    print(f"ratio ours/HF tokens/s: {r['median']['hf'] / r['median']['ascendspeed']:.2f}x "
           f"({args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, "
-          f"prompts {args.prompt_lengths} left-padded, {new} new tokens, greedy, {args.dtype}, "
+          f"prompts {args.prompt_lengths} left-padded, {args.new_tokens} new tokens, greedy, {args.dtype}, "
           f"{args.threads} threads, median of {args.repeats})")
-    if dtype == torch.float32 and same != total:
+    if args.dtype == "fp32" and r["same"] != r["total"]:
         sys.exit("greedy tokens differ from Hugging Face's in fp32")
 
 

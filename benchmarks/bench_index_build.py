@@ -5,6 +5,7 @@
 A synthetic `.idx` (only the sizes matter; the `.bin` is a sparse file) is built once; then each
 implementation runs in a fresh process, building doc_idx / sample_idx / shuffle_idx and saving them
 as .npy caches, and reports wall time and peak RSS. Prints the ratio baseline / ascendspeed.
+With --rounds N each runs N times, alternating, and the median time is printed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,12 +117,39 @@ def child(which, prefix, num_samples, seq_length):
     print(json.dumps({"seconds": seconds, "peak_gib": peak_rss_gib(), "before_gib": rss_before}))
 
 
+def run_child(which: str, prefix: str, num_samples: int, seq_length: int) -> dict:
+    """One implementation in a fresh single-threaded process: {seconds, peak_gib, before_gib}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which, "--prefix",
+                          prefix, "--num-samples", str(num_samples), "--seq-length",
+                          str(seq_length)], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_index_build(*, docs: int, tokens: int, epochs: int, seq_length: int,
+                        rounds: int = 1) -> dict:
+    """Both implementations, `rounds` times each, alternating (numpy, ours, ours, numpy, ...),
+    each run a fresh process: {"numpy": [results], "ascendspeed": [results], "num_samples"}."""
+    num_samples = num_samples_for(tokens, epochs, seq_length)
+    results = {"numpy": [], "ascendspeed": []}
+    with tempfile.TemporaryDirectory() as workdir:
+        prefix = os.path.join(workdir, "shard")
+        make_shard(prefix, docs, tokens)
+        order = list(results)
+        for r in range(rounds):
+            for which in (order if r % 2 == 0 else order[::-1]):
+                results[which].append(run_child(which, prefix, num_samples, seq_length))
+    results["num_samples"] = num_samples
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=10_000_000)
     parser.add_argument("--tokens", type=int, default=10_000_000_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each, alternating")
     parser.add_argument("--child", choices=["ascendspeed", "numpy"], help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--num-samples", type=int, help=argparse.SUPPRESS)
@@ -129,26 +158,21 @@ def main():
         child(args.child, args.prefix, args.num_samples, args.seq_length)
         return
     num_samples = num_samples_for(args.tokens, args.epochs, args.seq_length)
-    with tempfile.TemporaryDirectory() as workdir:
-        prefix = os.path.join(workdir, "shard")
-        make_shard(prefix, args.docs, args.tokens)
-        print(f"shard: {args.docs:,} documents, {args.tokens:,} tokens; {num_samples:,} samples of "
-              f"seq {args.seq_length} ({args.epochs} epochs); one thread each")
-        results = {}
-        for which in ("numpy", "ascendspeed"):
-            env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-            out = subprocess.run([sys.executable, __file__, "--child", which, "--prefix", prefix,
-                                  "--num-samples", str(num_samples), "--seq-length",
-                                  str(args.seq_length)], capture_output=True, text=True, env=env,
-                                 check=True)
-            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = results[which]
-            print(f"{which:>12}: {r['seconds']:6.2f} s, peak RSS {r['peak_gib']:.2f} GiB "
-                  f"({r['peak_gib'] - r['before_gib']:.2f} GiB above the {r['before_gib']:.2f} GiB "
-                  f"after imports)")
-        base, ours = results["numpy"], results["ascendspeed"]
-        print(f"speed-up: {base['seconds'] / ours['seconds']:.2f}x; peak memory ratio "
-              f"{base['peak_gib'] / ours['peak_gib']:.2f}x (baseline / ascendspeed)")
+    print(f"shard: {args.docs:,} documents, {args.tokens:,} tokens; {num_samples:,} samples of "
+          f"seq {args.seq_length} ({args.epochs} epochs); one thread each; median of {args.rounds}")
+    runs = measure_index_build(docs=args.docs, tokens=args.tokens, epochs=args.epochs,
+                               seq_length=args.seq_length, rounds=args.rounds)
+    results = {}
+    for which in ("numpy", "ascendspeed"):
+        seconds = statistics.median(r["seconds"] for r in runs[which])
+        peak = max(r["peak_gib"] for r in runs[which])
+        before = min(r["before_gib"] for r in runs[which])
+        results[which] = {"seconds": seconds, "peak_gib": peak}
+        print(f"{which:>12}: {seconds:6.2f} s, peak RSS {peak:.2f} GiB "
+              f"({peak - before:.2f} GiB above the {before:.2f} GiB after imports)")
+    base, ours = results["numpy"], results["ascendspeed"]
+    print(f"speed-up: {base['seconds'] / ours['seconds']:.2f}x; peak memory ratio "
+          f"{base['peak_gib'] / ours['peak_gib']:.2f}x (baseline / ascendspeed)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,20 @@ rank: peak RSS (getrusage; includes the interpreter, torch and activations) and 
 model parameters + fp32 gradient buffers + optimizer state (fp32 master copies that are not the
 model's own tensors, exp_avg, exp_avg_sq), measured from the tensors. Ratios are against plain DP
 measured in the same run.
+
+    python benchmarks/bench_memory.py --layouts [--quick] [--layout NAME ...]
+
+The equivalence-matrix layouts instead (tests/test_pipeline_parallel.py's matrix with
+tests/test_pretrain.py's two-process layouts): each runs the real trainer (pretrain_bloom.py's
+flags through training.pretrain, under torchrun, gloo, one thread per rank) for --train-iters 2
+of a 4-layer BLOOM (hidden 512, padded vocab 32000, seq 256, micro-batch 2, global batch 8, fp32,
+about 29M parameters; --quick: hidden 64, vocab 512, seq 32, one iteration), and reports each
+rank's peak RSS (getrusage) and the bytes of its model parameters. The baseline of a layout is
+plain data parallelism on the same number of processes (dp2 for the two-process layouts, dp4 for
+the four-process ones), measured in the same run: ratio = baseline peak / layout peak, the max
+over the ranks of each (so the plain-DP rows have ratio 1.0). Layouts that differ from another
+only in communication (--no-overlap-grad-reduce, --ddp-bucket-size) are left out: their memory is
+the same layout's.
 """
 from __future__ import annotations
 
@@ -98,6 +112,109 @@ def run(config: str, args, out: str) -> list[dict]:
     return ranks
 
 
+# ------------------------------------------------------------------ the equivalence-matrix layouts
+TP2, PP2 = ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
+INTERLEAVED = ["--num-layers-per-virtual-pipeline-stage", "1"]
+LAYOUTS = {  # name: (processes, pretrain_bloom.py flags)
+    "dp2": (2, []),
+    "dp2 zero1": (2, ["--use-distributed-optimizer"]),
+    "tp2": (2, TP2),
+    "tp2 recompute": (2, TP2 + ["--checkpoint-activations"]),
+    "tp2 sequence-parallel": (2, TP2 + ["--sequence-parallel"]),
+    "pp2": (2, PP2),
+    "pp2 interleaved": (2, PP2 + INTERLEAVED),
+    "dp4": (4, []),
+    "pp2 dp2": (4, PP2),
+    "tp2 dp2": (4, TP2),
+    "tp2 pp2": (4, TP2 + PP2),
+    "tp2 pp2 interleaved sequence-parallel": (4, TP2 + PP2 + INTERLEAVED + ["--sequence-parallel"]),
+    "pp2 dp2 zero1 recompute": (4, PP2 + ["--use-distributed-optimizer", "--checkpoint-activations"]),
+}
+PLAIN_DP = {2: "dp2", 4: "dp4"}  # each layout's baseline: plain DP on as many processes
+
+
+def baseline_layout(name: str) -> str:
+    return PLAIN_DP[LAYOUTS[name][0]]
+
+
+def layout_model_flags(corpus, quick: bool) -> list[str]:
+    from benchmarks.bench_train_step import pretrain_flags
+
+    if quick:
+        return pretrain_flags(corpus, layers=4, hidden=64, heads=4, seq=32, micro_batch=2,
+                              global_batch=8, vocab=512, train_iters=1, log_interval=1000)
+    return pretrain_flags(corpus, layers=4, hidden=512, heads=8, seq=256, micro_batch=2,
+                          global_batch=8, vocab=32000, train_iters=2, log_interval=1000)
+
+
+def trainer_rank(out: str, flags: list[str]) -> None:
+    """One torchrun rank: the real trainer on `flags`, then this rank's peak RSS and parameter
+    bytes into `out`.RANK."""
+    import torch.distributed as dist
+
+    from ascendspeed.arguments import PretrainConfig, parse_args
+    from ascendspeed.training import pretrain
+
+    config = PretrainConfig.from_args(parse_args(flags), world_size=int(os.environ["WORLD_SIZE"]))
+    result = pretrain(config, log=lambda line: None)
+    params = sum(p.numel() * p.element_size() for chunk in result.model for p in chunk.parameters())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   "params": params}, f)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_layout(name: str, model_flags: list[str], out: str, timeout: float = 900) -> list[dict]:
+    """Peak RSS and parameter bytes of each rank of `name`, from fresh torchrun processes."""
+    nproc, extra = LAYOUTS[name]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", os.path.abspath(__file__), "--trainer-rank", out,
+               "--", *model_flags, *extra]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=timeout)
+    if result.returncode:
+        raise RuntimeError(f"memory layout {name} failed:\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-3000:]}")
+    ranks = []
+    for rank in range(nproc):
+        with open(f"{out}.{rank}") as f:
+            ranks.append(json.load(f))
+    return ranks
+
+
+def measure_layouts(names, quick: bool = False, with_baselines: bool = True) -> dict[str, list[dict]]:
+    """Per-rank results of each layout in `names` (and of their plain-DP baselines)."""
+    from benchmarks.bench_train_step import write_corpus
+
+    wanted = list(dict.fromkeys(([baseline_layout(n) for n in names] if with_baselines else [])
+                                + list(names)))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = layout_model_flags(write_corpus(tmp), quick)
+        for i, name in enumerate(wanted):
+            results[name] = run_layout(name, flags, os.path.join(tmp, f"layout{i}"))
+    return results
+
+
+def print_layouts(results: dict[str, list[dict]]) -> None:
+    mib = 2 ** 20
+    print(f"{'layout':>40} | {'procs':>5} | {'params MiB':>10} | {'peak RSS MiB':>12} | "
+          f"{'plain DP':>8} | {'ratio':>5}")
+    for name, ranks in results.items():
+        base = results.get(baseline_layout(name))
+        peak = max(r["peak_rss"] for r in ranks)
+        base_peak = max(r["peak_rss"] for r in base) if base else float("nan")
+        print(f"{name:>40} | {len(ranks):>5} | {max(r['params'] for r in ranks) / mib:10.1f} | "
+              f"{peak / mib:12.1f} | {base_peak / mib:8.1f} | {base_peak / peak:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -112,9 +229,19 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", action="store_true",
+                        help="the equivalence-matrix layouts through the real trainer instead")
+    parser.add_argument("--layout", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                        help="with --layouts: these only (and their plain-DP baselines)")
+    parser.add_argument("--quick", action="store_true", help="with --layouts: a tiny model")
+    if "--trainer-rank" in sys.argv:  # a torchrun rank of --layouts: --trainer-rank OUT -- FLAGS
+        i = sys.argv.index("--trainer-rank")
+        return trainer_rank(sys.argv[i + 1], sys.argv[sys.argv.index("--") + 1:])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.layouts:
+        return print_layouts(measure_layouts(args.layout, args.quick))
 
     mib = 2 ** 20
     results = {}

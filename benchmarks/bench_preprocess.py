@@ -9,8 +9,9 @@ The baseline is what a plain script does: for each line, json.loads, `tokenizer.
 TOKENIZERS_PARALLELISM=false shows one thread) and with --workers 2 (two single-threaded encoder
 processes). Every run writes --append-eod datasets, which must all be byte-identical. All runs share
 one process; after one untimed warm-up round (imports, first tokenizer load), the rounds run every
-variant in turn (so a slow spell on a shared machine hits them all) and each figure is the best
-round. The tokenizer load is part of every timing.
+variant in turn (so a slow spell on a shared machine hits them all; the order reversed every other
+round) and each figure is the best round (`python -m benchmarks` reports the median). The
+tokenizer load is part of every timing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -65,6 +65,46 @@ def tool(corpus: str, tokenizer_dir: str, prefix: str, workers: int) -> None:
     preprocess_data.preprocess(args)
 
 
+def single_thread_tool(corpus: str, tokenizer_dir: str, prefix: str) -> None:
+    """preprocess_data --workers 1 with TOKENIZERS_PARALLELISM=false (one thread)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tool(corpus, tokenizer_dir, prefix, 1)
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+VARIANTS = {
+    "per-document tokenize() loop + builder": lambda c, t, p: baseline(c, t, p),
+    "preprocess_data --workers 1, one thread": single_thread_tool,
+    "preprocess_data --workers 1": lambda c, t, p: tool(c, t, p, 1),
+    "preprocess_data --workers 2": lambda c, t, p: tool(c, t, p, 2),
+}
+
+
+def measure_preprocess(corpus: str, tokenizer_dir: str, rounds: int,
+                       variants=tuple(VARIANTS)) -> dict[str, list[float]]:
+    """Seconds of each variant per round: one untimed warm-up round, then `rounds`, every
+    variant in turn (the order reversed every other round). All outputs must be byte-identical."""
+    from benchmarks.common import alternate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefixes = {name: os.path.join(tmp, f"run{k}_text_document") for k, name in enumerate(variants)}
+        runs = {name: (lambda name=name: VARIANTS[name](corpus, tokenizer_dir, prefixes[name]))
+                for name in variants}
+        times = alternate(runs, rounds, warmup=1)
+        outputs = []
+        for prefix in prefixes.values():
+            with open(prefix + ".bin", "rb") as b, open(prefix + ".idx", "rb") as i:
+                outputs.append((b.read(), i.read()))
+        assert all(out == outputs[0] for out in outputs), "the runs wrote different datasets"
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", default=os.path.join(SAMPLE_DIR, "shakespeare.jsonl"))
@@ -77,38 +117,10 @@ def main(argv=None) -> int:
     size = os.path.getsize(args.input)
     print(f"{args.input}: {docs} documents, {size / 1e6:.2f} MB; tokenizer {args.tokenizer_dir}; "
           f"{os.cpu_count()} CPUs; best of {args.repeat} rounds", flush=True)
-
-    def single_thread(prefix):
-        old = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            tool(args.input, args.tokenizer_dir, prefix, 1)
-        finally:
-            if old is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = old
-
-    runs = [("per-document tokenize() loop + builder", lambda p: baseline(args.input, args.tokenizer_dir, p)),
-            ("preprocess_data --workers 1, one thread", single_thread),
-            ("preprocess_data --workers 1", lambda p: tool(args.input, args.tokenizer_dir, p, 1)),
-            ("preprocess_data --workers 2", lambda p: tool(args.input, args.tokenizer_dir, p, 2))]
-    best = [float("inf")] * len(runs)
-    with tempfile.TemporaryDirectory() as tmp:
-        prefixes = [os.path.join(tmp, f"run{k}_text_document") for k in range(len(runs))]
-        for round_ in range(args.repeat + 1):  # round 0 is the warm-up
-            for k, (_, run) in enumerate(runs):
-                start = time.perf_counter()
-                run(prefixes[k])
-                if round_:
-                    best[k] = min(best[k], time.perf_counter() - start)
-        outputs = []
-        for prefix in prefixes:
-            with open(prefix + ".bin", "rb") as b, open(prefix + ".idx", "rb") as i:
-                outputs.append((b.read(), i.read()))
-        assert all(out == outputs[0] for out in outputs), "the runs wrote different datasets"
+    times = measure_preprocess(args.input, args.tokenizer_dir, args.repeat)
+    best = [min(t) for t in times.values()]
     print(f"{'':42s} {'seconds':>8s} {'docs/s':>8s} {'MB/s':>6s} {'speed-up':>8s}")
-    for (name, _), seconds in zip(runs, best):
+    for name, seconds in zip(times, best):
         print(f"{name:42s} {seconds:8.2f} {docs / seconds:8.1f} {size / seconds / 1e6:6.2f} "
               f"{best[0] / seconds:7.2f}x")
     print("all runs wrote byte-identical datasets")

@@ -72,3 +72,15 @@ def test_resumed_run_off_the_log_interval_logs_the_mean_of_its_own_iterations(co
     assert resumed.losses == straight.losses[7:10]  # the resume is exact
     # 3 iterations trained in this run's first interval: their mean, not 3/5 of it.
     assert _lm_losses(resumed_lines) == {10: f"{sum(straight.losses[7:10]) / 3:.6E}"}
+
+
+@pytest.mark.parametrize("flag,logged", [((), True), (("--no-log-loss-scale-to-tensorboard",), False)])
+def test_loss_scale_reaches_tensorboard_unless_turned_off(corpus, tmp_path, flag, logged):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    _train(corpus, "--train-iters", "5", "--tensorboard-dir", str(board), *flag)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "lm loss" in tags and ("loss-scale" in tags) == logged
