@@ -20,7 +20,7 @@ from ascendspeed.arguments import (DataConfig, TokenizerConfig, add_data_args,  
                                    add_tokenizer_args, resolve_weighted_split_paths)
 from ascendspeed.data.builders import build_datasets  # noqa: E402
 from ascendspeed.data.gpt_dataset import SPLIT_NAMES  # noqa: E402
-from ascendspeed.errors import AscendSpeedError  # noqa: E402
+from ascendspeed.errors import AscendSpeedError, error_line  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     try:
         datasets = build(args)
     except AscendSpeedError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     finally:
         if distributed:
