@@ -74,6 +74,14 @@ def is_logging_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
 
 
+def padded_vocab_size(config: PretrainConfig, tokenizer) -> int:
+    """The model's vocabulary: the tokenizer's, padded as Megatron pads it for this TP size."""
+    return vocab_size_with_padding(tokenizer.vocab_size,
+                                   config.tokenizer.make_vocab_size_divisible_by,
+                                   config.parallel.tensor_model_parallel_size,
+                                   config.tokenizer.pad_vocab_size_to)
+
+
 def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomModel]:
     """This rank's model chunks: one per pipeline stage, several with the interleaved schedule.
     The embedding is on the first stage's first chunk, the head on the last stage's last."""
@@ -294,10 +302,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     for notice in config.notices:
         logger.info(notice)
     tokenizer = build_tokenizer(config.tokenizer)
-    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size,
-                                           config.tokenizer.make_vocab_size_divisible_by,
-                                           config.parallel.tensor_model_parallel_size,
-                                           config.tokenizer.pad_vocab_size_to)
+    padded_vocab = padded_vocab_size(config, tokenizer)
     model = build_model(config, padded_vocab)
     for chunk in model:
         chunk.train()

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -27,20 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ascendspeed.model import fused  # noqa: E402
+from benchmarks.common import cpu_model  # noqa: E402
 from ascendspeed.model.bloom import alibi_slopes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_inputs(batch, heads, seq, head_dim, dtype, seed=0):

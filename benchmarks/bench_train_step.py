@@ -86,16 +86,12 @@ def build_ours(flags: list[str]):
     """(config, model chunks, padded vocab) as training.pretrain builds them on one process."""
     from ascendspeed.arguments import PretrainConfig, parse_args
     from ascendspeed.core.tensor_parallel import model_parallel_seed
-    from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
-    from ascendspeed.training import build_model
+    from ascendspeed.data.tokenizer import build_tokenizer
+    from ascendspeed.training import build_model, padded_vocab_size
 
     config = PretrainConfig.from_args(parse_args(flags), world_size=1)
     model_parallel_seed(config.training.seed)
-    tokenizer = build_tokenizer(config.tokenizer)
-    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size,
-                                           config.tokenizer.make_vocab_size_divisible_by,
-                                           config.parallel.tensor_model_parallel_size,
-                                           config.tokenizer.pad_vocab_size_to)
+    padded_vocab = padded_vocab_size(config, build_tokenizer(config.tokenizer))
     model = build_model(config, padded_vocab)
     for chunk in model:
         chunk.train()

@@ -348,20 +348,11 @@ class BloomModel(nn.Module):
         HF). With `past` cached tokens the queries are the last s of past + s positions and the
         mask covers all past + s (as HF's with a KV cache)."""
         total = past + seq
-        if attention_mask is None:  # one [1, heads, s, past + s] bias broadcast over the batch
-            positions = torch.arange(total, device=device, dtype=torch.float32)[None]
-            key_ok = torch.ones(1, total, dtype=torch.bool, device=device)
-        else:
-            if attention_mask.shape[-1] != total:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
-                                 f"{total} ({past} cached + {seq} new)")
-            mask = attention_mask.to(device=device, dtype=torch.long)
-            positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # counted from the first real token
-            key_ok = mask.bool()
-        alibi = self.alibi_slopes.to(device)[None, :, None, None] * positions[:, None, None, :]
-        causal = torch.ones(seq, total, dtype=torch.bool, device=device).tril(diagonal=past)
-        allowed = causal[None, None] & key_ok[:, None, None, :]
-        return alibi.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        if attention_mask is not None and attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
+                             f"{total} ({past} cached + {seq} new)")
+        return fused.alibi_bias(batch, self.alibi_slopes, seq, total, query_start=past,
+                                device=device, attention_mask=attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,

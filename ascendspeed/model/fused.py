@@ -127,16 +127,20 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
 
 
 def alibi_bias(batch: int, slopes: torch.Tensor, s_q: int, s_k: int, key_offset: torch.Tensor | None = None,
-               query_start: int = 0, device=None) -> torch.Tensor:
-    """The additive fp32 bias BloomModel.attention_bias builds: [1 or b, heads, s_q, s_k], ALiBi by
-    key position (counted from the first real token with left padding) and the fp32 minimum where
-    a key is in the future or padding."""
+               query_start: int = 0, device=None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The additive fp32 bias of the reference path (BloomModel.attention_bias is this):
+    [1 or b, heads, s_q, s_k], ALiBi by key position (counted from each row's first real token)
+    and the fp32 minimum where a key is in the future or padding. Padding: `key_offset` [b]
+    (left padding) or any 0/1 `attention_mask` [b, s_k]."""
     device = slopes.device if device is None else device
-    if key_offset is None:
+    if key_offset is not None:
+        attention_mask = torch.arange(s_k, device=device)[None] >= key_offset.to(device)[:, None]
+    if attention_mask is None:
         positions = torch.arange(s_k, device=device, dtype=torch.float32)[None]
         key_ok = torch.ones(1, s_k, dtype=torch.bool, device=device)
     else:
-        mask = (torch.arange(s_k, device=device)[None] >= key_offset.to(device)[:, None]).long()
+        mask = attention_mask.to(device=device, dtype=torch.long)
         positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)
         key_ok = mask.bool()
     alibi = slopes.to(device=device, dtype=torch.float32)[None, :, None, None] * positions[:, None, None, :]
