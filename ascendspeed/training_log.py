@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -133,6 +134,25 @@ def format_iteration_line(*, iteration: int, train_iters: int, consumed_samples:
         if throughput.mfu is not None:
             line += f" MFU: {100.0 * throughput.mfu:.2f}% |"
     return line
+
+
+_ITERATION_LINE = re.compile(r"\biteration\s+(\d+)/\s*(\d+)\s*\|")
+
+
+def parse_iteration_line(line: str) -> tuple[int, dict[str, str]] | None:
+    """(iteration, {field: text}) of a format_iteration_line line, e.g. (4, {"lm loss":
+    "9.994644E+00", ...}); None for any other line (validation lines included). Text before
+    'iteration' (a launcher's rank prefix) is ignored. A log interval whose every step was
+    skipped has no loss field (Megatron prints none)."""
+    match = _ITERATION_LINE.search(line)
+    if match is None:
+        return None
+    fields = {}
+    for part in line[match.end():].split("|"):
+        key, colon, value = part.partition(":")
+        if colon:
+            fields[key.strip()] = value.strip()
+    return int(match.group(1)), fields
 
 
 def validation_ppl(loss: float) -> float:

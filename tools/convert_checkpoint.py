@@ -13,8 +13,8 @@ To ours: DIR/release/mp_rank_*/model_optim_rng.pt and a tracker saying "release"
 `pretrain_bloom.py --load DIR --use-checkpoint-args` starts from these weights at iteration 0
 with a fresh optimizer. To HF: a BloomForCausalLM directory (safetensors, one shard per pipeline
 stage). The output is written under OUTPUT.tmp and renamed when complete; a non-empty OUTPUT is
-refused unless --force. Bad input: exit status 2, one line naming the file, tensor or number.
-See ascendspeed/checkpoint/hf.py.
+refused unless --force. Progress (tensors or files done, rate, time left) goes to stderr. Bad
+input: exit status 2, one line naming the file, tensor or number. See ascendspeed/checkpoint/hf.py.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ascendspeed.checkpoint.hf import DTYPES, hf_to_megatron, megatron_to_hf  # 
 from ascendspeed.checkpoint.hf_source import HFDirectorySource  # noqa: E402
 from ascendspeed.checkpoint.megatron_deepspeed import MegatronDeepSpeedSource  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, ConvertError, error_line  # noqa: E402
+from ascendspeed.progress import NoProgress, Progress  # noqa: E402
 
 PROG = "convert_checkpoint.py"
 
@@ -73,35 +74,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _megatron_deepspeed_to_ours(args, log) -> str:
+def _megatron_deepspeed_to_ours(args, log, progress) -> str:
     try:
-        return _to_ours(MegatronDeepSpeedSource(args.input), args, log)
+        return _to_ours(MegatronDeepSpeedSource(args.input), args, log, progress)
     except OSError as error:  # the reader's I/O errors name the file
         raise ConvertError(str(error)) from None
 
 
-def _to_ours(source, args, log) -> str:
+def _to_ours(source, args, log, progress) -> str:
     return hf_to_megatron(source, args.output, args.target_tp, args.target_pp,
                           args.make_vocab_size_divisible_by, args.pad_vocab_size_to,
                           args.params_dtype, args.tokenizer_vocab_size, args.force,
-                          where=args.input, log=log)
+                          where=args.input, log=log, progress=progress)
 
 
-def convert(args, log=print) -> str:
+def convert(args, log=print, progress=NoProgress) -> str:
     if os.path.normpath(args.input) == os.path.normpath(args.output):
         raise ConvertError(f"--output must differ from --input ({args.input})")
     if args.target_format == "hf":
         return megatron_to_hf(args.input, args.output, args.iteration, args.vocab_rows,
-                              args.tokenizer_vocab_size, args.dtype, args.force, log)
+                              args.tokenizer_vocab_size, args.dtype, args.force, log, progress)
     if args.source_format == "megatron-deepspeed":
-        return _megatron_deepspeed_to_ours(args, log)
-    return _to_ours(HFDirectorySource(args.input), args, log)
+        return _megatron_deepspeed_to_ours(args, log, progress)
+    return _to_ours(HFDirectorySource(args.input), args, log, progress)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        convert(args, log=lambda message: print(message, flush=True))
+        convert(args, log=lambda message: print(message, flush=True), progress=Progress)
     except AscendSpeedError as error:
         print(f"{PROG}: {error_line(error)}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ optimizer state, then DST's tracker; `pretrain_bloom.py --load DST` at TP=N, PP=
 training. The padded vocabulary is recomputed for TP=N with the vocab flags given here (pass the
 training run's --make-vocab-size-divisible-by / --pad-vocab-size-to). A virtual pipeline is not
 kept (1 chunk per stage); RNG states are dropped. See ascendspeed/checkpoint/reshard.py.
+Progress (rank files read and written, rate, time left) goes to stderr.
 Exit status 2 with a message naming the file or number when the checkpoint cannot be resharded.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ if __package__ in (None, ""):  # run as `python tools/convert_tp.py`: make the r
 
 from ascendspeed.checkpoint.reshard import reshard  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, error_line  # noqa: E402
+from ascendspeed.progress import Progress  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
         reshard(args.input_folder, args.output_folder, args.target_tp, args.target_pp,
                 iteration=args.iteration,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                pad_vocab_size_to=args.pad_vocab_size_to, log=lambda m: print(m, flush=True))
+                pad_vocab_size_to=args.pad_vocab_size_to, log=lambda m: print(m, flush=True),
+                progress=Progress)
     except AscendSpeedError as error:
         print(f"convert_tp.py: {error_line(error)}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@
 Each --input is a dataset prefix (`P` for `P.bin` + `P.idx`) or a directory, which stands for
 every complete pair in it, in name order. Documents keep their order: the inputs' in the order
 given. Every input must hold the same token dtype (the same tokenizer). The output appears under
-its final name only once complete.
+its final name only once complete. Progress (bytes copied, rate, time left) goes to stderr.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as `python tools/merge_datasets.py`: make t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ascendspeed.errors import error_line  # noqa: E402
+from ascendspeed.progress import NoProgress, Progress  # noqa: E402
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDataset,  # noqa: E402
                                           MMapIndexedDatasetBuilder, data_file_path, dataset_exists,
                                           index_file_path)
@@ -46,8 +47,9 @@ def expand_inputs(inputs, output_prefix: str) -> list[str]:
     return prefixes
 
 
-def merge(prefixes, output_prefix: str) -> dict:
-    """Write the concatenation of `prefixes` to `output_prefix`; returns counts."""
+def merge(prefixes, output_prefix: str, progress=NoProgress) -> dict:
+    """Write the concatenation of `prefixes` to `output_prefix`; returns counts. `progress`: a
+    factory as ascendspeed.progress's, shown the bytes copied."""
     if not prefixes:
         raise IndexedDatasetError("nothing to merge")
     datasets = [MMapIndexedDataset(p) for p in prefixes]  # validates every pair before writing
@@ -63,9 +65,11 @@ def merge(prefixes, output_prefix: str) -> dict:
     parent = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(parent, exist_ok=True)
     builder = MMapIndexedDatasetBuilder(data_file_path(output_prefix), dtype=dtypes[prefixes[0]])
-    with builder:  # aborts (removes the temporary file) on any error
-        for prefix in prefixes:
+    sizes = [os.path.getsize(data_file_path(p)) for p in prefixes]
+    with builder, progress(sum(sizes), "merge", "B") as bar:  # the builder aborts on any error
+        for k, (prefix, size) in enumerate(zip(prefixes, sizes), start=1):
             builder.merge_file_(prefix)
+            bar.update(size, detail=f"{k}/{len(prefixes)} datasets")
         builder.finalize(index_file_path(output_prefix))
     return counts
 
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         prefixes = expand_inputs(args.input, args.output_prefix)
-        counts = merge(prefixes, args.output_prefix)
+        counts = merge(prefixes, args.output_prefix, progress=Progress)
     except (IndexedDatasetError, OSError) as error:  # megatron_ext's errors: the format library's
         print(error_line(error), file=sys.stderr)
         return 2

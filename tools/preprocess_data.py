@@ -13,6 +13,9 @@ A bad line (not JSON, not an object, a key missing or not a string) stops the ru
 line number, unless --skip-bad-lines counts and skips it. On any error nothing appears under the
 output names (the builders write to temporary files and rename them only at the end).
 
+Progress goes to stderr: a bar on a terminal, else a line every 10 s (and every --log-interval
+documents when given), with the input read so far, the rate and the time left.
+
 --workers N runs N encoder processes of one thread each, fed batches of lines in order. With
 --workers 1 the batches are encoded in this process, where the Rust tokenizers library may use
 every core for a batch (TOKENIZERS_PARALLELISM=false keeps it to one).
@@ -41,6 +44,7 @@ if __package__ in (None, ""):  # run as `python tools/preprocess_data.py`: make 
 from ascendspeed.arguments import TokenizerConfig, add_tokenizer_args  # noqa: E402
 from ascendspeed.data.tokenizer import build_tokenizer  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, ConfigError, PreprocessError, error_line  # noqa: E402
+from ascendspeed.progress import Progress  # noqa: E402
 from megatron_ext.indexed_dataset import (IndexedDatasetError, MMapIndexedDatasetBuilder,  # noqa: E402
                                           best_fitting_dtype, data_file_path, index_file_path)
 
@@ -74,13 +78,15 @@ def get_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1,
                        help="encoder processes (1: encode in this process, with the tokenizer's threads)")
-    group.add_argument("--log-interval", type=int, default=100, help="documents between progress lines")
+    group.add_argument("--log-interval", type=int, default=None,
+                       help="also a progress line every N documents when stderr is not a terminal "
+                            "(default: a line every 10 s)")
     args = parser.parse_args(argv)
     if args.tokenizer_type is None:
         parser.error("--tokenizer-type is required")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.log_interval < 1:
+    if args.log_interval is not None and args.log_interval < 1:
         parser.error(f"--log-interval must be >= 1, got {args.log_interval}")
     if len(set(args.json_keys)) != len(args.json_keys):
         parser.error(f"--json-keys lists a key twice: {args.json_keys}")
@@ -89,29 +95,43 @@ def get_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------ reading
 def open_input(path: str):
-    """A binary line iterator over a plain, gzip or zstandard JSON-lines file."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True))
-    return open(path, "rb")
+    """(a binary line iterator over a plain, gzip or zstandard JSON-lines file, the file on disk
+    beneath it: its tell() is how far into the file, compressed or not, reading has got)."""
+    disk = open(path, "rb")
+    try:
+        if path.endswith(".gz"):
+            return gzip.GzipFile(fileobj=disk, mode="rb"), disk
+        if path.endswith(".zst"):
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
+                disk, read_across_frames=True, closefd=False)), disk
+    except BaseException:
+        disk.close()
+        raise
+    return disk, disk
 
 
-def read_batches(paths, batch_bytes: int = BATCH_BYTES):
-    """Yield (path, first line number, [raw lines]) in input order."""
+def read_batches(paths, batch_bytes: int = BATCH_BYTES, positions: deque | None = None):
+    """Yield (path, first line number, [raw lines]) in input order. With `positions`, append for
+    each batch the bytes of the input files on disk read up to its end (for progress)."""
+    before = 0  # bytes of the files already read
     for path in paths:
         try:
-            with open_input(path) as stream:
+            stream, disk = open_input(path)
+            with disk, stream:
                 lines, size, first = [], 0, 1
                 for lineno, line in enumerate(stream, start=1):
                     lines.append(line)
                     size += len(line)
                     if len(lines) >= BATCH_LINES or size >= batch_bytes:
+                        if positions is not None:
+                            positions.append(before + disk.tell())
                         yield path, first, lines
                         lines, size, first = [], 0, lineno + 1
                 if lines:
+                    if positions is not None:
+                        positions.append(before + disk.tell())
                     yield path, first, lines
+                before += os.fstat(disk.fileno()).st_size
         except (OSError, EOFError, zstandard.ZstdError) as error:  # I/O error, corrupt or cut archive
             raise PreprocessError(f"{path}: cannot read ({error})") from error
 
@@ -268,14 +288,20 @@ def preprocess(args: argparse.Namespace) -> dict:
     builders = {}
     start = time.time()
     next_log = args.log_interval
+    positions = deque()  # on-disk input bytes read up to the end of each batch in flight
+    progress = Progress(sum(os.path.getsize(path) for path in args.input), "preprocess", "B")
+    reached = 0
     try:
         for key, prefix in prefixes.items():
             builders[key] = MMapIndexedDatasetBuilder(data_file_path(prefix), dtype=dtype)
         encoder = Encoder(tokenizer, args.json_keys, args.append_eod)
         batch_bytes = BATCH_BYTES if args.workers > 1 else INPROCESS_BATCH_BYTES
         # closing(): an error here stops the worker pool at once, not whenever the generator is freed
-        with closing(encode_all(read_batches(args.input, batch_bytes), encoder, args.workers)) as batches:
+        batches = encode_all(read_batches(args.input, batch_bytes, positions), encoder, args.workers)
+        with closing(batches):
             for batch in batches:
+                if batch.bad:
+                    progress.clear()  # the messages below start at the beginning of the line
                 _report_bad_lines(batch, args.skip_bad_lines, summary)
                 for key, (flat, lengths) in batch.tokens.items():
                     _check_ids(flat, lengths, batch, key, vocab_size, tokenizer.name)
@@ -283,15 +309,21 @@ def preprocess(args: argparse.Namespace) -> dict:
                 summary["documents"] += batch.records
                 summary["blank_lines"] += batch.blank
                 summary["bytes"] += batch.nbytes
-                if summary["documents"] >= next_log:
-                    _log_progress(summary, start)
+                position = positions.popleft()
+                due = next_log is not None and summary["documents"] >= next_log
+                if due:
                     next_log = (summary["documents"] // args.log_interval + 1) * args.log_interval
+                progress.update(position - reached, detail=_documents_read(summary, start),
+                                force=due)
+                reached = position
         for key, prefix in prefixes.items():
             builders[key].finalize(index_file_path(prefix))
     except BaseException:
+        progress.close(success=False)
         for builder in builders.values():
             builder.abort()
         raise
+    progress.close()
     summary["seconds"] = time.time() - start
     return summary
 
@@ -333,11 +365,9 @@ def _write(builder, flat, lengths, summary: dict, key: str) -> None:
     summary["tokens"][key] += end
 
 
-def _log_progress(summary: dict, start: float) -> None:
+def _documents_read(summary: dict, start: float) -> str:
     elapsed = max(time.time() - start, 1e-9)
-    print(f"processed {summary['documents']} documents "
-          f"({summary['documents'] / elapsed:.1f} docs/s, {summary['bytes'] / elapsed / 1e6:.2f} MB/s)",
-          file=sys.stderr, flush=True)
+    return f"processed {summary['documents']} documents ({summary['documents'] / elapsed:.1f} docs/s)"
 
 
 def format_summary(summary: dict) -> str:

@@ -35,6 +35,7 @@ from ascendspeed.checkpoint.tensors import (EMBED, FINAL_LAYERNORM, HEAD_COPY, H
 from ascendspeed.core.pipeline_parallel.partition import validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
 from ascendspeed.errors import ConvertError, PipelinePartitionError
+from ascendspeed.progress import NoProgress
 
 LM_HEAD = "lm_head.weight"
 DEFAULT_SEQ_LENGTH = 2048  # ALiBi has no position limit; a run's --seq-length may differ
@@ -161,9 +162,11 @@ def _check_tied_head(reader: Reader, keys: set[str], log) -> None:
 def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target_pp: int = 1,
                    make_vocab_size_divisible_by: int = 128, pad_vocab_size_to: int | None = None,
                    params_dtype: str | None = None, original_vocab_size: int | None = None,
-                   force: bool = False, where: str = "the source", log=print) -> str:
+                   force: bool = False, where: str = "the source", log=print,
+                   progress=NoProgress) -> str:
     """Write `source` as our checkpoint (iteration "release") at TP=`target_tp`, PP=`target_pp`
-    under `output`; returns `output`."""
+    under `output`; returns `output`. `progress` (a factory, ascendspeed.progress) is shown the
+    tensors converted."""
     if target_tp < 1 or target_pp < 1:
         raise ConvertError(f"target sizes must be >= 1 (TP {target_tp}, PP {target_pp})")
     config = source.hf_config()
@@ -206,7 +209,14 @@ def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target
     dtype = getattr(torch, dtype_name)
     final_dir = os.path.normpath(output)
 
+    chunks = [chunk_layout(args, target_pp, p, 1)[0] for p in range(target_pp)]
+    total = target_tp * sum(len(chunk_tensors(chunk)) for chunk in chunks)
+
     def write(staging: str) -> None:
+        with progress(total, "convert", "tensors") as bar:
+            write_files(staging, bar)
+
+    def write_files(staging: str, bar) -> None:
         iteration_dir = os.path.join(staging, iteration_dir_name("release"))
         for p in range(target_pp):
             (chunk,) = chunk_layout(args, target_pp, p, 1)
@@ -218,6 +228,7 @@ def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target
                         _check_shape(reader, hf_name, hidden, hf_rows)
                     flat.append((c.local, _rank_tensor(reader, hf_name, c.tensor, target_tp, t,
                                                        padded, dtype)))
+                    bar.update(1)
                 state = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
                          "consumed_train_samples": 0, "consumed_valid_samples": 0, "tokens": 0,
                          "args": args, "checkpoint_info": info,
@@ -225,8 +236,10 @@ def hf_to_megatron(source: TensorSource, output: str, target_tp: int = 1, target
                 path = rank_file(iteration_dir, t, p, target_pp)
                 save_atomically(state, path)
                 del state, flat
+                bar.clear()
                 log(f"wrote {os.path.join(final_dir, os.path.relpath(path, staging))} "
                     f"({_describe(chunk)})")
+                bar.update(0, detail=f"{p * target_tp + t + 1}/{target_tp * target_pp} rank files")
         write_tracker(staging, "release")  # tracker last
 
     final = _into_staging(output, force, write)
@@ -289,9 +302,11 @@ def _shard_name(p: int, pp: int) -> str:
 
 def megatron_to_hf(input_folder: str, output: str, iteration: int | str | None = None,
                    vocab_rows: str = "hf", tokenizer_vocab_size: int | None = None,
-                   dtype: str | None = None, force: bool = False, log=print) -> str:
+                   dtype: str | None = None, force: bool = False, log=print,
+                   progress=NoProgress) -> str:
     """Write our checkpoint under `input_folder` (the tracker's, or `iteration`) as a HF
-    BloomForCausalLM directory `output` (one safetensors shard per pipeline stage)."""
+    BloomForCausalLM directory `output` (one safetensors shard per pipeline stage). `progress`
+    (a factory, ascendspeed.progress) is shown the rank files read and the shards written."""
     from safetensors.torch import save_file  # writes from the tensors' memory, no copy
 
     source = open_checkpoint(input_folder, iteration)
@@ -308,13 +323,24 @@ def megatron_to_hf(input_folder: str, output: str, iteration: int | str | None =
         f"stage, padded vocab {padded}) -> {rows} vocabulary rows, {dtype_name}")
 
     def write(staging: str) -> None:
+        with progress(source.tp * source.pp + source.pp, "convert", "files") as bar:
+            write_files(staging, bar)
+
+    def write_files(staging: str, bar) -> None:
+        def note(message):  # a line of its own, not on the bar's
+            bar.clear()
+            log(message)
+
         weight_map, total, written = {}, 0, set()
         for p in range(source.pp):
             paths = [source.files[(t, p)] for t in range(source.tp)]
-            states = [_without_head_copy(read_rank_file(path)) for path in paths]
+            states = []
+            for path in paths:
+                states.append(_without_head_copy(read_rank_file(path)))
+                bar.update(1, detail=f"reading pipeline stage {p}")
             layout = chunk_layout(args, source.pp, p, source.chunks)
             stage_where = os.path.dirname(paths[0])
-            merged = merge_stage_model(layout, states, paths, stage_where, log)
+            merged = merge_stage_model(layout, states, paths, stage_where, note)
             del states
             tensors = {}
             for key, tensor in merged.items():
@@ -333,7 +359,8 @@ def megatron_to_hf(input_folder: str, output: str, iteration: int | str | None =
             written |= set(tensors)
             del tensors
             chunks = ", ".join(_describe(chunk) for chunk in layout)
-            log(f"wrote {os.path.join(final_dir, file)} (pipeline stage {p}: {chunks})")
+            note(f"wrote {os.path.join(final_dir, file)} (pipeline stage {p}: {chunks})")
+            bar.update(1, detail=f"wrote pipeline stage {p}")
         missing = sorted(set(HF_PREFIX + n for n in names.values()) - written)
         if missing:
             raise ConvertError(f"{where}: no {missing[0]} in any rank file")

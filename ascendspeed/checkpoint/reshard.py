@@ -36,6 +36,7 @@ from ascendspeed.checkpoint.tensors import (EMBED, HEAD, Chunk, flatten_model, n
 from ascendspeed.core.pipeline_parallel.partition import stage_layout, validate_pipeline
 from ascendspeed.data.tokenizer import vocab_size_with_padding
 from ascendspeed.errors import CheckpointError, ConfigError, PipelinePartitionError, ReshardError
+from ascendspeed.progress import NoProgress
 
 
 def chunk_layout(args: dict, pp: int, pp_rank: int, chunks: int) -> list[Chunk]:
@@ -180,9 +181,22 @@ def check_divisible(args: dict, tp: int) -> None:
 
 def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: int = 1,
             iteration: int | str | None = None, make_vocab_size_divisible_by: int = 128,
-            pad_vocab_size_to: int | None = None, log=print) -> str:
+            pad_vocab_size_to: int | None = None, log=print, progress=NoProgress) -> str:
     """Write `input_folder`'s checkpoint (the tracker's, or `iteration`) resharded to
-    TP=`target_tp`, PP=`target_pp` under `output_folder`; returns the written iteration dir."""
+    TP=`target_tp`, PP=`target_pp` under `output_folder`; returns the written iteration dir.
+    `progress` (a factory, ascendspeed.progress) is shown the rank files read and written."""
+    with progress(None, "reshard", "files") as bar:  # its total once the source is known
+        def note(message):  # a line of its own, not on the bar's
+            bar.clear()
+            log(message)
+
+        return _reshard(input_folder, output_folder, target_tp, target_pp, iteration,
+                        make_vocab_size_divisible_by, pad_vocab_size_to, note, bar)
+
+
+def _reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: int,
+             iteration: int | str | None, make_vocab_size_divisible_by: int,
+             pad_vocab_size_to: int | None, log, bar) -> str:
     if target_tp < 1 or target_pp < 1:
         raise ReshardError(f"target sizes must be >= 1 (TP {target_tp}, PP {target_pp})")
     if os.path.abspath(input_folder) == os.path.abspath(output_folder):
@@ -193,6 +207,7 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
     source_tp, source_pp, chunks = source.tp, source.pp, source.chunks
     source_padded = info.get("padded_vocab_size", args.get("padded_vocab_size"))
     original_vocab = info["original_vocab_size"]
+    bar.total = source_tp * source_pp + target_tp * target_pp  # read, then written
 
     # Target checks, before any work.
     check_divisible(args, target_tp)
@@ -233,6 +248,7 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
         states = []
         for t in range(source_tp):
             states.append(read_rank_file(files[(t, p)]))
+            bar.update(1, detail=f"reading pipeline stage {p}")
         if common is None:
             common = {k: v for k, v in states[0].items()
                       if not k.startswith("model") and k not in RNG_KEYS}
@@ -343,6 +359,7 @@ def reshard(input_folder: str, output_folder: str, target_tp: int, target_pp: in
             log(f"wrote {rank_file(final, t, p, target_pp)} (layers {chunk.layers[0]}-"
                 f"{chunk.layers[-1]}{', embedding' if chunk.pre_process else ''}"
                 f"{', head' if chunk.post_process else ''})")
+            bar.update(1, detail=f"wrote pipeline stage {p}")
             del state
     publish(staging, final)
     write_tracker(output_folder, iteration)

@@ -10,6 +10,7 @@ from ascendspeed.data.blendable_dataset import BlendableDataset, parse_data_pref
 from ascendspeed.data.gpt_dataset import (BIGSCIENCE_CUTOFF_LAST_EPOCH, SPLIT_NAMES, GPTDataset,
                                           get_split_by_range_, get_train_valid_test_split_)
 from ascendspeed.errors import DatasetError
+from ascendspeed.progress import NoProgress
 from megatron_ext.indexed_dataset import IndexedDatasetError, make_dataset
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,12 @@ def build_train_valid_test_datasets(data_prefix, splits_string: str,
                                     train_valid_test_num_samples, seq_length: int, seed: int, *,
                                     data_impl: str = "mmap", skip_warmup: bool = True,
                                     cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                                    data_cache_path: str | None = None, build_group=None):
+                                    data_cache_path: str | None = None, build_group=None,
+                                    progress=NoProgress):
     """(train, valid, test) datasets for `--data-path PREFIX` or a blend `W1 P1 W2 P2 ...`;
-    a split with no documents gives None."""
+    a split with no documents gives None. `progress`: shown each index build (ascendspeed.progress)."""
     options = dict(data_impl=data_impl, skip_warmup=skip_warmup, cutoff_last_epoch=cutoff_last_epoch,
-                   data_cache_path=data_cache_path, build_group=build_group)
+                   data_cache_path=data_cache_path, build_group=build_group, progress=progress)
     prefixes, weights, per_dataset_num_samples = parse_data_prefix(
         data_prefix, train_valid_test_num_samples)
     if weights is None:
@@ -65,12 +67,13 @@ def build_dataset_group(dataset_group_name: str, paths, weights, splits,
                         train_valid_test: str, *, data_impl: str = "mmap",
                         skip_warmup: bool = True,
                         cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                        data_cache_path: str | None = None, build_group=None):
+                        data_cache_path: str | None = None, build_group=None,
+                        progress=NoProgress):
     """One named group of BigScience's `--{train,valid,test}-weighted-split-paths`:
     each prefix contributes documents [round(START*N), round(END*N)) and the group is blended."""
     index = SPLIT_NAMES.index(train_valid_test)
     options = dict(cutoff_last_epoch=cutoff_last_epoch, data_cache_path=data_cache_path,
-                   build_group=build_group)
+                   build_group=build_group, progress=progress)
 
     def single(prefix, range_string, num_samples):
         indexed_dataset = _open_indexed_dataset(prefix, data_impl, skip_warmup)
@@ -111,13 +114,14 @@ def parse_weighted_split_paths(values, flag: str):
     return groups
 
 
-def build_datasets(config, train_valid_test_num_samples, build_group=None):
+def build_datasets(config, train_valid_test_num_samples, build_group=None, progress=NoProgress):
     """(train, valid, test) for a DataConfig: `--data-path` (one prefix or a blend) or BigScience's
     `--{train,valid,test}-weighted-split-paths` groups. With several groups for a split, that
-    split is a list of datasets."""
+    split is a list of datasets. `progress`: shown each index build (ascendspeed.progress)."""
     options = dict(data_impl=config.data_impl, skip_warmup=not config.mmap_warmup,
                    cutoff_last_epoch=config.cutoff_last_epoch,
-                   data_cache_path=config.data_cache_path, build_group=build_group)
+                   data_cache_path=config.data_cache_path, build_group=build_group,
+                   progress=progress)
     if config.data_path:
         return build_train_valid_test_datasets(list(config.data_path), config.split,
                                                train_valid_test_num_samples, config.seq_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 
 from ascendspeed.data import index_cache, index_helpers
 from ascendspeed.errors import DatasetError
+from ascendspeed.progress import NoProgress
 from megatron_ext.indexed_dataset import MMapIndexedDataset
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,11 @@ def plan_index_mappings(tokens_per_epoch: int, num_samples: int, seq_length: int
 
 
 def compute_index_mappings(documents: np.ndarray, sizes: np.ndarray, plan: IndexPlan,
-                           seq_length: int, seed: int) -> dict[str, np.ndarray]:
-    """doc_idx, sample_idx and shuffle_idx exactly as Megatron-DeepSpeed builds them."""
+                           seq_length: int, seed: int, bar=None) -> dict[str, np.ndarray]:
+    """doc_idx, sample_idx and shuffle_idx exactly as Megatron-DeepSpeed builds them. `bar` (an
+    ascendspeed.progress bar) is given each array's entries once it is built."""
+    bar = bar or NoProgress()
+    bar.update(0, detail="shuffling doc_idx")
     rng = np.random.RandomState(seed=seed)
     documents = np.asarray(documents, dtype=np.int32)
     # Epoch-major copies of the documents. Separated, the first E-1 epochs and the last one are
@@ -122,7 +127,9 @@ def compute_index_mappings(documents: np.ndarray, sizes: np.ndarray, plan: Index
         index_helpers.shuffle(rng, doc_idx[cut:])
     else:
         index_helpers.shuffle(rng, doc_idx)
+    bar.update(len(doc_idx), detail="building sample_idx")
     sample_idx = index_helpers.build_sample_idx(sizes, doc_idx, seq_length, plan.total_samples)
+    bar.update(len(sample_idx), detail="shuffling shuffle_idx")
     # Sample order: one shuffle of all samples, or, separated, the partial last epoch shuffled on
     # its own and consumed last. uint32 unless the count needs int64 (Megatron's rule).
     total = plan.total_samples
@@ -132,6 +139,7 @@ def compute_index_mappings(documents: np.ndarray, sizes: np.ndarray, plan: Index
     index_helpers.shuffle(rng, shuffle_idx[:first])
     if first < total:
         index_helpers.shuffle(rng, shuffle_idx[first:])
+    bar.update(total)
     return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
 
@@ -161,7 +169,7 @@ class GPTDataset(torch.utils.data.Dataset):
     def __init__(self, name: str, data_prefix: str, documents: np.ndarray,
                  indexed_dataset: MMapIndexedDataset, num_samples: int, seq_length: int, seed: int,
                  *, cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                 data_cache_path: str | None = None, build_group=None):
+                 data_cache_path: str | None = None, build_group=None, progress=NoProgress):
         self.name = name
         self.indexed_dataset = indexed_dataset
         self.seq_length = seq_length
@@ -172,7 +180,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings(
             name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
             cutoff_last_epoch=cutoff_last_epoch, data_cache_path=data_cache_path,
-            build_group=build_group)
+            build_group=build_group, progress=progress)
 
     def __len__(self) -> int:
         # Megatron: sample_idx.shape[0] - 1 (shuffle_idx may be shorter only in theory).
@@ -198,9 +206,11 @@ class GPTDataset(torch.utils.data.Dataset):
 def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, sizes: np.ndarray,
                          num_samples: int, seq_length: int, seed: int, *,
                          cutoff_last_epoch: float = BIGSCIENCE_CUTOFF_LAST_EPOCH,
-                         data_cache_path: str | None = None, build_group=None):
+                         data_cache_path: str | None = None, build_group=None,
+                         progress=NoProgress):
     """(doc_idx, sample_idx, shuffle_idx), from the cache when it is valid, else built (and cached
-    by one process per node) — every process in `build_group` must call this together."""
+    by one process per node) — every process in `build_group` must call this together.
+    `progress` (a factory, ascendspeed.progress) is shown the entries built and written."""
     where = f"{data_prefix}: {name} split (sequences [{documents[0]}, {documents[-1] + 1}))"
     split_sizes = sizes[documents[0]:documents[-1] + 1]
     plan = plan_index_mappings(int(split_sizes.sum(dtype=np.int64)), num_samples, seq_length,
@@ -215,12 +225,17 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
     def check(arrays):
         return _check_megatron_cache(arrays, documents, plan)
 
+    entries = plan.num_epochs * len(documents) + 2 * plan.total_samples + 1  # of the 3 arrays
+    what = f"{name} index of {os.path.basename(data_prefix)}"
+
     def build():
         if index_cache.load_cached(paths, identity, check) is not None:
             return
         start = time.time()
-        arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed)
-        index_cache.save_atomically(paths, arrays, identity)
+        with progress(2 * entries, what, "entries") as bar:  # built, then written
+            arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed, bar)
+            bar.update(0, detail="writing the cache")
+            index_cache.save_atomically(paths, arrays, identity, saved=bar.update)
         logger.info(" > built %s index mappings in %.2f s: %d epochs, %d samples, last epoch %s",
                     name, time.time() - start, plan.num_epochs, plan.total_samples,
                     "shuffled separately" if plan.separate_last_epoch else "mixed in")
@@ -228,7 +243,8 @@ def build_index_mappings(name: str, data_prefix: str, documents: np.ndarray, siz
     if not index_cache.is_writable_dir(paths["doc_idx"]):
         logger.warning(" > cannot write index caches next to %s; building them in memory "
                        "(give --data-cache-path to keep them)", data_prefix)
-        arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed)
+        with progress(entries, what, "entries") as bar:
+            arrays = compute_index_mappings(documents, sizes, plan, seq_length, seed, bar)
     else:
         index_cache.run_on_one_process_per_node(build, group=build_group)
         arrays = index_cache.load_cached(paths, identity, check)

@@ -87,8 +87,9 @@ def load_cached(paths: dict[str, str], identity: IndexIdentity,
 
 
 def save_atomically(paths: dict[str, str], arrays: dict[str, np.ndarray],
-                    identity: IndexIdentity) -> None:
-    """np.save each array to a temporary name and rename; the sidecar is renamed last."""
+                    identity: IndexIdentity, saved: Callable[[int], None] | None = None) -> None:
+    """np.save each array to a temporary name and rename; the sidecar is renamed last. `saved`
+    is called with each array's length once it is written (progress)."""
     directory = os.path.dirname(os.path.abspath(paths["doc_idx"]))
     os.makedirs(directory, exist_ok=True)
     written = []
@@ -98,6 +99,8 @@ def save_atomically(paths: dict[str, str], arrays: dict[str, np.ndarray],
             written.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 np.save(f, arrays[array], allow_pickle=False)
+            if saved is not None:
+                saved(len(arrays[array]))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
         written.append(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
