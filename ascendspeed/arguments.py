@@ -7,6 +7,7 @@ that existing launch scripts keep working.
 from __future__ import annotations
 
 import argparse
+import datetime
 from dataclasses import dataclass
 
 from ascendspeed.core.pipeline_parallel.partition import validate_pretrain_config
@@ -172,7 +173,6 @@ def resolve_weighted_split_paths(args: argparse.Namespace) -> argparse.Namespace
 
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary", "alibi")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-DISTRIBUTED_BACKENDS = ("nccl", "gloo", "hccl")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -204,9 +204,13 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="pipeline stage partitioning, e.g. 'type:transformer|embedding'")
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--distributed-backend", type=str, default=None,
-                       choices=DISTRIBUTED_BACKENDS, help="default: the device's (gloo/nccl/hccl)")
+                       help="gloo, nccl, hccl or a device map (cpu:gloo,cuda:nccl); default: the "
+                            "device's. Host tensors always travel over cpu:gloo")
     group.add_argument("--use-distributed-optimizer", action="store_true",
                        help="ZeRO-1: optimizer state and fp32 master weights sharded over DP")
+    group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                       help="bound on every collective and group creation (default 10, as "
+                            "Megatron-LM); a stopped or dead rank then fails the job")
     group.add_argument("--DDP-impl", dest="ddp_impl", type=str, default="local",
                        choices=("local", "torch"),
                        help="both run the bucketed gradient all-reduce of ascendspeed.optimizer")
@@ -237,6 +241,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="exit after the iteration that is a multiple of this")
     group.add_argument("--exit-duration-in-mins", type=int, default=None)
     group.add_argument("--exit-signal-handler", action="store_true")
+    group.add_argument("--kill-switch-path", default=None, metavar="FILE",
+                       help="when FILE exists, save (with --save) and exit 0 at the next iteration")
+    group.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                       action="store_true", default=True,
+                       help="stop at a non-finite loss or gradient norm, before the step (default)")
+    group.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                       action="store_false")
+    group.add_argument("--heartbeat-file", default=None, metavar="FILE",
+                       help="the job's status file for tools/pulse.py (default: SAVE/heartbeat.json)")
     group.add_argument("--clip-grad", type=float, default=1.0,
                        help="global gradient-norm clipping (0 disables)")
     group.add_argument("--fp16", action="store_true")
@@ -580,6 +593,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False  # ZeRO-1 (also --zero-stage 1)
     overlap_grad_reduce: bool = True
     ddp_bucket_size: int | None = None  # elements; None: max(40M, 1M x DP)
+    distributed_timeout_minutes: float = 10.0  # every collective and group creation
 
     def __post_init__(self):
         for flag, value in (("world size", self.world_size),
@@ -593,16 +607,24 @@ class ParallelConfig:
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size} = {model_parallel}")
-        if self.distributed_backend not in (None,) + DISTRIBUTED_BACKENDS:
-            raise ConfigError(f"--distributed-backend {self.distributed_backend!r}: expected one "
-                              f"of {', '.join(DISTRIBUTED_BACKENDS)}")
+        if self.distributed_backend is not None:
+            from ascendspeed import device  # here: importing this module needs no torch
+
+            device.check_backend(self.distributed_backend)  # its fit to the device: at init
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ConfigError(f"--ddp-bucket-size must be >= 1, got {self.ddp_bucket_size}")
+        if not 0 < self.distributed_timeout_minutes < float("inf"):
+            raise ConfigError(f"--distributed-timeout-minutes must be a positive number of "
+                              f"minutes, got {self.distributed_timeout_minutes}")
 
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size
                                    * self.pipeline_model_parallel_size)
+
+    @property
+    def distributed_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(minutes=self.distributed_timeout_minutes)
 
     @property
     def bucket_size(self) -> int:
@@ -623,7 +645,8 @@ class ParallelConfig:
                    sequence_parallel=sequence_parallel,
                    use_distributed_optimizer=bool(args.use_distributed_optimizer) or zero_stage == 1,
                    overlap_grad_reduce=args.overlap_grad_reduce,
-                   ddp_bucket_size=args.ddp_bucket_size)
+                   ddp_bucket_size=args.ddp_bucket_size,
+                   distributed_timeout_minutes=args.distributed_timeout_minutes)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -679,6 +702,9 @@ class TrainingConfig:
     log_validation_ppl_to_tensorboard: bool = False
     log_loss_scale_to_tensorboard: bool = True
     peak_flops: float | None = None  # FLOP/s of one device; None: no MFU
+    check_for_nan_in_loss_and_grad: bool = True  # stop before a step on a non-finite loss/grad norm
+    kill_switch_path: str | None = None  # the file whose existence stops the run cleanly
+    heartbeat_file: str | None = None  # None: SAVE/heartbeat.json when saving, else none
 
     def __post_init__(self):
         for flag, value in (("--micro-batch-size", self.micro_batch_size),
@@ -777,7 +803,9 @@ class TrainingConfig:
                    log_batch_size_to_tensorboard=args.log_batch_size_to_tensorboard,
                    log_validation_ppl_to_tensorboard=args.log_validation_ppl_to_tensorboard,
                    log_loss_scale_to_tensorboard=args.log_loss_scale_to_tensorboard,
-                   peak_flops=args.peak_flops)
+                   peak_flops=args.peak_flops,
+                   check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
+                   kill_switch_path=args.kill_switch_path, heartbeat_file=args.heartbeat_file)
 
 
 # ---------------------------------------------------------------------------------- optimizer

@@ -53,6 +53,23 @@ class MegatronDeepSpeedError(CheckpointError):
     """An unreadable or inconsistent Megatron-DeepSpeed checkpoint; names the file and field."""
 
 
+class TrainingError(AscendSpeedError, RuntimeError):
+    """A run that cannot go on (non-finite loss or gradients, a dead peer); names the iteration."""
+
+
+class JobLockError(AscendSpeedError, RuntimeError):
+    """A checkpoint directory that another live job holds; names the holder."""
+
+
+class HeartbeatError(AscendSpeedError, ValueError):
+    """A heartbeat or relaunch record (tools/pulse.py) that cannot be read; names the file."""
+
+
+class RunLogError(AscendSpeedError, ValueError):
+    """A training log or TensorBoard directory (tools/compare_loss.py) that cannot be read;
+    names the file and line or record."""
+
+
 class PromptError(AscendSpeedError, ValueError):
     """A prompt that cannot be generated from (empty, or too long for the context)."""
 

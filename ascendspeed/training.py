@@ -10,6 +10,7 @@ pipeline stages (only the first and last use the tokens, but every iterator adva
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from ascendspeed import device
 from ascendspeed.arguments import PretrainConfig
-from ascendspeed.checkpoint.save_load import LoadedState, load_checkpoint, save_checkpoint
+from ascendspeed.checkpoint.io import read_tracker
+from ascendspeed.checkpoint.save_load import LoadedState, any_rank, load_checkpoint, save_checkpoint
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -28,7 +30,12 @@ from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.data.builders import build_datasets
 from ascendspeed.data.samplers import build_pretraining_data_loader
 from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
-from ascendspeed.errors import ConfigError
+from ascendspeed.errors import AscendSpeedError, ConfigError, JobLockError, TrainingError, error_line
+from ascendspeed.job import heartbeat as hb
+from ascendspeed.job import rendezvous
+from ascendspeed.job.collectives import named_failures
+from ascendspeed.job.launcher import watch_launcher
+from ascendspeed.job.lock import DirectoryLock
 from ascendspeed.microbatches import NumMicroBatchesCalculator
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 from ascendspeed.optimizer import build_optimizer
@@ -56,17 +63,21 @@ class TrainResult:
 
 
 def initialize_distributed(config: PretrainConfig) -> None:
-    """Join the process group torchrun describes (if any) and create the TP/PP/DP groups."""
+    """Join the process group torchrun describes (if any) and create the TP/PP/DP groups, every
+    collective and group creation bounded by --distributed-timeout-minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != config.parallel.world_size:
         raise RuntimeError(f"configured for {config.parallel.world_size} processes, launched with "
                            f"{world_size}")
     if world_size > 1 and not dist.is_initialized():
         device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=config.parallel.distributed_backend or device.default_backend())
+        backend = device.distributed_backend(config.parallel.distributed_backend)
+        # e.g. cpu:gloo,cuda:nccl: flags go over gloo; safe after torchrun restarts the workers
+        rendezvous.init_process_group(backend, config.parallel.distributed_timeout)
     if dist.is_initialized():
         ps.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
-                                     config.parallel.pipeline_model_parallel_size)
+                                     config.parallel.pipeline_model_parallel_size,
+                                     timeout=config.parallel.distributed_timeout)
     model_parallel_seed(config.training.seed)
 
 
@@ -82,9 +93,12 @@ def padded_vocab_size(config: PretrainConfig, tokenizer) -> int:
                                    config.tokenizer.pad_vocab_size_to)
 
 
-def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomModel]:
+def build_model(config: PretrainConfig, padded_vocab_size: int,
+                init: bool = True) -> list[BloomModel]:
     """This rank's model chunks: one per pipeline stage, several with the interleaved schedule.
-    The embedding is on the first stage's first chunk, the head on the last stage's last."""
+    The embedding is on the first stage's first chunk, the head on the last stage's last.
+    The parameters are allocated on the device (built on "meta", then to_empty) and filled by
+    the seeded init, or with `init=False` left for a checkpoint load to fill."""
     m = config.model
     bloom = BloomConfig(vocab_size=padded_vocab_size, hidden_size=m.hidden_size,
                         num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -105,10 +119,14 @@ def build_model(config: PretrainConfig, padded_vocab_size: int) -> list[BloomMod
                           parallel.pp_partition_method,
                           half_precision=config.precision.params_dtype != "float32")
     last = len(layout.chunks) - 1
-    return [BloomModel(bloom, pre_process=layout.pre_process and i == 0,
-                       post_process=layout.post_process and i == last,
-                       layer_numbers=layers).to(device.current_device())
-            for i, layers in enumerate(layout.chunks)]
+    chunks = [BloomModel(bloom, pre_process=layout.pre_process and i == 0,
+                         post_process=layout.post_process and i == last, layer_numbers=layers,
+                         device="meta").to_empty(device=device.current_device())
+              for i, layers in enumerate(layout.chunks)]
+    if init:
+        for chunk in chunks:
+            chunk.reset_parameters()
+    return chunks
 
 
 def build_data_loaders(config: PretrainConfig, consumed_train_samples: int = 0,
@@ -195,12 +213,14 @@ def build_training_optimizer(model_chunks: list[torch.nn.Module], config: Pretra
                            bucket_size=parallel.bucket_size,
                            overlap_grad_reduce=parallel.overlap_grad_reduce,
                            use_distributed_optimizer=parallel.use_distributed_optimizer,
-                           fused_unscale=config.kernels.fused_optimizer)
+                           fused_unscale=config.kernels.fused_optimizer,
+                           stop_on_non_finite_norm=config.training.check_for_nan_in_loss_and_grad)
 
 
 def _average_over_data_parallel(value: float) -> float:
     if ps.get_data_parallel_world_size() == 1:
         return value
+    # host tensors, as the flags below: the groups' cpu:gloo entry carries them on every device
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, group=ps.get_data_parallel_group())
     return tensor.item() / ps.get_data_parallel_world_size()
@@ -219,15 +239,40 @@ def _loss_from_last_stage(losses: list[float]) -> float:
 
 
 def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfig,
-               num_microbatches: int, global_batch_size: int):
+               num_microbatches: int, global_batch_size: int, iteration: int = 0):
     """One iteration over num_microbatches micro-batches: (loss, grad norm, updated). An fp16
-    overflow skips the update (and the LR step), as Megatron does."""
+    overflow skips the update (and the LR step), as Megatron does. With
+    --check-for-nan-in-loss-and-grad a non-finite loss or gradient norm raises TrainingError
+    before the parameters change (fp16 overflow stays the loss scaler's: a skipped step)."""
     optimizer.zero_grad(num_microbatches)
     losses = run_microbatches(model, data_iterator, config, num_microbatches, optimizer.scale_loss)
+    loss = _loss_from_last_stage(losses)  # every rank: the same value
+    check = config.training.check_for_nan_in_loss_and_grad
+    fp16 = config.precision.params_dtype == "float16"
+    if check and not fp16 and not math.isfinite(loss):
+        _stop_on_non_finite(iteration, "loss", loss, all(math.isfinite(x) for x in losses))
     updated, grad_norm = optimizer.step()
+    if check and grad_norm is not None and not math.isfinite(grad_norm):  # (not an fp16 overflow)
+        _stop_on_non_finite(iteration, "gradient norm", grad_norm, optimizer.local_grads_finite)
+    if check and fp16 and updated and not math.isfinite(loss):
+        _stop_on_non_finite(iteration, "loss", loss, all(math.isfinite(x) for x in losses))
     if updated:
         scheduler.step(global_batch_size)
-    return _loss_from_last_stage(losses), grad_norm, updated
+    return loss, grad_norm, updated
+
+
+def _stop_on_non_finite(iteration: int, what: str, value: float, locally_finite: bool) -> None:
+    """Every rank arrives here together (the value is global): name the ranks whose own loss or
+    gradients were not finite, and stop."""
+    ranks = [0]
+    if dist.is_initialized():
+        flags: list = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, locally_finite)
+        ranks = [rank for rank, finite in enumerate(flags) if not finite]
+    where = f"rank(s) {', '.join(map(str, ranks))}" if ranks else "no single rank (the sum overflowed)"
+    raise TrainingError(f"iteration {iteration}: non-finite {what} ({value}) from {where}; stopped "
+                        f"before the optimizer step, so no checkpoint holds non-finite weights "
+                        f"(--no-check-for-nan-in-loss-and-grad trains on)")
 
 
 @torch.no_grad()
@@ -288,6 +333,8 @@ class ExitSignal:
 
 def _exit_reason(iteration: int, training, run_start: float, stop_signal: ExitSignal) -> str | None:
     """Why the run stops after this iteration (the same answer on every rank), or None."""
+    if training.kill_switch_path and any_rank(os.path.exists(training.kill_switch_path)):
+        return f"kill switch {training.kill_switch_path}"  # (tools/pulse.py never relaunches these)
     if training.exit_interval and iteration % training.exit_interval == 0:
         return f"--exit-interval {training.exit_interval}"
     if training.exit_duration_in_mins and _time_is_up(run_start, training.exit_duration_in_mins):
@@ -297,13 +344,82 @@ def _exit_reason(iteration: int, training, run_start: float, stop_signal: ExitSi
     return None
 
 
+# How long a restarted rank 0 waits for the lock of the attempt torchrun is still ending (its
+# SIGTERM grace is 30 s; forked data-loader workers hold the lock's file until they notice).
+RESTART_LOCK_PATIENCE = 60.0
+
+
+def _claim_save_directory(config: PretrainConfig) -> DirectoryLock | None:
+    """Global rank 0 locks --save for the life of the job; every rank stops if it cannot."""
+    if not config.checkpoint.save:
+        return None
+    lock = DirectoryLock(config.checkpoint.save)
+    refused = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            # (the other ranks wait in any_rank meanwhile: half their timeout at most)
+            patience = min(RESTART_LOCK_PATIENCE, config.parallel.distributed_timeout_minutes * 30)
+            lock.acquire(patience if "TORCHELASTIC_RUN_ID" in os.environ else 0.0)
+        except JobLockError as error:
+            refused = error
+    if any_rank(refused is not None):
+        raise refused or JobLockError(f"{lock.path}: another job is using this checkpoint directory "
+                                      f"(rank 0 names it)")
+    return lock if refused is None else None
+
+
+def _heartbeat(config: PretrainConfig) -> hb.Heartbeat:
+    """The status file on global rank 0 (--heartbeat-file, else SAVE/heartbeat.json)."""
+    path = config.training.heartbeat_file
+    if path is None and config.checkpoint.save:
+        path = os.path.join(config.checkpoint.save, hb.HEARTBEAT_FILENAME)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        path = None
+    return hb.Heartbeat(path, config.training.train_iters)
+
+
 def pretrain(config: PretrainConfig, log=print) -> TrainResult:
-    initialize_distributed(config)
+    minutes = config.parallel.distributed_timeout_minutes
+    with named_failures(minutes, "before the first iteration"):
+        initialize_distributed(config)
+        watch_launcher()
+        lock = _claim_save_directory(config)
+    heartbeat = _heartbeat(config)
+    heartbeat.beat(0, 0, None, force=True)
+    try:
+        with named_failures(minutes, lambda: _progress(heartbeat)):
+            result, reason = _pretrain(config, log, heartbeat)
+    except AscendSpeedError as error:
+        heartbeat.end(hb.FAILED, error_line(error)[len("error: "):])
+        raise
+    except KeyboardInterrupt:
+        heartbeat.end(hb.STOPPED, "interrupted (KeyboardInterrupt)")
+        raise
+    except Exception as error:
+        heartbeat.end(hb.FAILED, f"{type(error).__name__}: {' '.join(str(error).split())}")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    heartbeat.end(hb.STOPPED if reason else hb.FINISHED, reason)
+    return result
+
+
+def _progress(heartbeat: hb.Heartbeat) -> str:
+    iteration = heartbeat.status["iteration"]
+    return f"after iteration {iteration}" if iteration else "before the first iteration"
+
+
+def _pretrain(config: PretrainConfig, log, heartbeat: hb.Heartbeat) -> tuple[TrainResult, str | None]:
+    """The run; (what it did, why it stopped before --train-iters or None)."""
     for notice in config.notices:
         logger.info(notice)
     tokenizer = build_tokenizer(config.tokenizer)
     padded_vocab = padded_vocab_size(config, tokenizer)
-    model = build_model(config, padded_vocab)
+    # A checkpoint to load fills every parameter (or the load fails): no init to overwrite.
+    load = config.checkpoint.load
+    from_checkpoint = bool(load) and read_tracker(load) is not None
+    model = build_model(config, padded_vocab, init=not from_checkpoint)
     for chunk in model:
         chunk.train()
     optimizer = build_training_optimizer(model, config)
@@ -312,6 +428,7 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     if config.checkpoint.load:
         loaded = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, config,
                                  padded_vocab, log=log if is_logging_rank() else _quiet)
+        heartbeat.beat(loaded.iteration, loaded.consumed_train_samples, None)
     if is_logging_rank():
         params = sum(p.numel() for chunk in model for p in chunk.parameters())
         log(f" > {params:,} parameters on this rank (padded vocab {padded_vocab}, tokenizer "
@@ -348,11 +465,12 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
                                              config.parallel.data_parallel_size,
                                              training.rampup_batch_size)
     saved_iteration = loaded.iteration
+    reason = None
     for iteration in range(loaded.iteration + 1, training.train_iters + 1):
         microbatches.update(result.consumed_train_samples)
         global_batch = microbatches.current_global_batch_size
         loss, grad_norm, updated = train_step(model, optimizer, scheduler, train_iterator, config,
-                                              microbatches.num_microbatches, global_batch)
+                                              microbatches.num_microbatches, global_batch, iteration)
         result.iteration = iteration
         result.consumed_train_samples += global_batch
         result.global_batch_sizes.append(global_batch)
@@ -360,9 +478,11 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
         result.grad_norms.append(grad_norm)
         result.skipped_iterations += 0 if updated else 1
         interval.add(loss, updated)
+        heartbeat.beat(iteration, result.consumed_train_samples, loss)
         if iteration % training.log_interval == 0 or iteration == training.train_iters:
             device.synchronize()
             seconds = interval.seconds_per_iteration()
+            heartbeat.beat(iteration, result.consumed_train_samples, None, seconds_per_iteration=seconds)
             throughput = measure_throughput(
                 flops_per_iteration=model_flops_per_iteration(
                     config.model, global_batch, config.model.seq_length, padded_vocab),
@@ -420,4 +540,4 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     stop_signal.restore()
     writer.close()
     result.model = model
-    return result
+    return result, reason

@@ -24,6 +24,14 @@ the four-process ones), measured in the same run: ratio = baseline peak / layout
 over the ranks of each (so the plain-DP rows have ratio 1.0). Layouts that differ from another
 only in communication (--no-overlap-grad-reduce, --ddp-bucket-size) are left out: their memory is
 the same layout's.
+
+    python benchmarks/bench_memory.py --bloom176b-scaled [--fp32]
+
+BLOOM-176B's layout scaled down to run on a CPU: its vocabulary (250880, the embedding that
+dominates a rank's parameters at small hidden sizes) and head dim (128), hidden 1024, 8 heads,
+4 layers, TP=2 x PP=2 on 4 processes, bf16 (--fp32: fp32). Each rank's peak RSS (getrusage)
+after the trainer's model build alone (training.initialize_distributed + build_model), and after
+one training iteration of the real trainer (4 micro-batches of 1 x 128 through 1F1B).
 """
 from __future__ import annotations
 
@@ -150,14 +158,30 @@ def layout_model_flags(corpus, quick: bool) -> list[str]:
 def trainer_rank(out: str, flags: list[str]) -> None:
     """One torchrun rank: the real trainer on `flags`, then this rank's peak RSS and parameter
     bytes into `out`.RANK."""
-    import torch.distributed as dist
-
     from ascendspeed.arguments import PretrainConfig, parse_args
     from ascendspeed.training import pretrain
 
     config = PretrainConfig.from_args(parse_args(flags), world_size=int(os.environ["WORLD_SIZE"]))
-    result = pretrain(config, log=lambda line: None)
-    params = sum(p.numel() * p.element_size() for chunk in result.model for p in chunk.parameters())
+    report_rank(out, pretrain(config, log=lambda line: None).model)
+
+
+def build_rank(out: str, flags: list[str]) -> None:
+    """One torchrun rank: only the trainer's model build on `flags` (process groups, then
+    training.build_model), then this rank's peak RSS and parameter bytes into `out`.RANK."""
+    from ascendspeed.arguments import PretrainConfig, parse_args
+    from ascendspeed.data.tokenizer import build_tokenizer
+    from ascendspeed.training import build_model, initialize_distributed, padded_vocab_size
+
+    config = PretrainConfig.from_args(parse_args(flags), world_size=int(os.environ["WORLD_SIZE"]))
+    initialize_distributed(config)
+    padded_vocab = padded_vocab_size(config, build_tokenizer(config.tokenizer))
+    report_rank(out, build_model(config, padded_vocab))
+
+
+def report_rank(out: str, model_chunks) -> None:
+    import torch.distributed as dist
+
+    params = sum(p.numel() * p.element_size() for chunk in model_chunks for p in chunk.parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -170,9 +194,15 @@ def trainer_rank(out: str, flags: list[str]) -> None:
 def run_layout(name: str, model_flags: list[str], out: str, timeout: float = 900) -> list[dict]:
     """Peak RSS and parameter bytes of each rank of `name`, from fresh torchrun processes."""
     nproc, extra = LAYOUTS[name]
+    return run_ranks(nproc, "--trainer-rank", [*model_flags, *extra], out, name, timeout)
+
+
+def run_ranks(nproc: int, entry: str, flags: list[str], out: str, name: str,
+              timeout: float = 900) -> list[dict]:
+    """Each rank's report of `entry` (--trainer-rank or --build-rank) on `flags`, from fresh
+    torchrun processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", os.path.abspath(__file__), "--trainer-rank", out,
-               "--", *model_flags, *extra]
+               f"--nproc_per_node={nproc}", os.path.abspath(__file__), entry, out, "--", *flags]
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
@@ -201,6 +231,39 @@ def measure_layouts(names, quick: bool = False, with_baselines: bool = True) -> 
         for i, name in enumerate(wanted):
             results[name] = run_layout(name, flags, os.path.join(tmp, f"layout{i}"))
     return results
+
+
+# BLOOM-176B: 70 layers, hidden 14336, 112 heads (head dim 128), padded vocab 250880.
+BLOOM_176B_SCALED = dict(layers=4, hidden=1024, heads=8, vocab=250880, seq=128, micro_batch=1,
+                         global_batch=4)
+
+
+def measure_bloom176b_scaled(bf16: bool = True) -> dict[str, list[dict]]:
+    """Per-rank reports of the scaled-down 176B layout (TP=2 x PP=2): "build" (the model build
+    alone) and "iteration" (the trainer through one iteration)."""
+    from benchmarks.bench_train_step import pretrain_flags, write_corpus
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = pretrain_flags(write_corpus(tmp), train_iters=1, log_interval=1000, bf16=bf16,
+                               **BLOOM_176B_SCALED) + TP2 + PP2
+        for i, (what, entry) in enumerate((("build", "--build-rank"),
+                                           ("iteration", "--trainer-rank"))):
+            results[what] = run_ranks(4, entry, flags, os.path.join(tmp, f"bloom{i}"),
+                                      f"bloom176b-scaled {what}")
+    return results
+
+
+def print_bloom176b_scaled(results: dict[str, list[dict]], bf16: bool) -> None:
+    mib = 2 ** 20
+    shape = BLOOM_176B_SCALED
+    print(f"BLOOM-176B scaled: {shape['layers']} layers, hidden {shape['hidden']}, "
+          f"{shape['heads']} heads, vocab {shape['vocab']}, TP=2 x PP=2, "
+          f"{'bf16' if bf16 else 'fp32'}; peak RSS MiB per rank (params MiB)")
+    for what, ranks in results.items():
+        cells = "  ".join(f"rank {r}: {x['peak_rss'] / mib:7.1f} ({x['params'] / mib:6.1f})"
+                          for r, x in enumerate(ranks))
+        print(f"{what:>10} | {cells}")
 
 
 def print_layouts(results: dict[str, list[dict]]) -> None:
@@ -234,12 +297,18 @@ def main() -> None:
     parser.add_argument("--layout", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
                         help="with --layouts: these only (and their plain-DP baselines)")
     parser.add_argument("--quick", action="store_true", help="with --layouts: a tiny model")
-    if "--trainer-rank" in sys.argv:  # a torchrun rank of --layouts: --trainer-rank OUT -- FLAGS
-        i = sys.argv.index("--trainer-rank")
-        return trainer_rank(sys.argv[i + 1], sys.argv[sys.argv.index("--") + 1:])
+    parser.add_argument("--bloom176b-scaled", action="store_true",
+                        help="the scaled-down BLOOM-176B layout's per-rank peaks instead")
+    parser.add_argument("--fp32", action="store_true", help="with --bloom176b-scaled: fp32")
+    for entry, rank_main in (("--trainer-rank", trainer_rank), ("--build-rank", build_rank)):
+        if entry in sys.argv:  # a torchrun rank: ENTRY OUT -- FLAGS
+            i = sys.argv.index(entry)
+            return rank_main(sys.argv[i + 1], sys.argv[sys.argv.index("--") + 1:])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.bloom176b_scaled:
+        return print_bloom176b_scaled(measure_bloom176b_scaled(not args.fp32), not args.fp32)
     if args.layouts:
         return print_layouts(measure_layouts(args.layout, args.quick))
 

@@ -10,6 +10,10 @@ FIXTURE_PREFIX = os.path.join(FIXTURE_DIR, "meg-gpt2-openwebtext_text_document")
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import collective_guard  # noqa: E402
+
+collective_guard.install()  # this process's collectives; tests/launch.py: the launched ones'
+
 
 SHARED_FIXTURES = os.path.join(REPO_ROOT, "..", "shared", "fixtures")
 

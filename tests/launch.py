@@ -21,20 +21,24 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Environment variables that would make torchrun pick a fixed port or stop sharing its store.
 _PORT_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+# Its sitecustomize.py installs tests/collective_guard.py in every launched process.
+GUARD_SITE = os.path.join(REPO_ROOT, "tests", "guard_site")
 
 
 def launch_env(env: dict | None = None, **extra: str) -> dict:
     """`env` (default: os.environ less any inherited fixed port) for a launched process, with
     `extra` set: one thread per process (the tests run several processes on two cores), this
     checkout first on PYTHONPATH (workers under tests/dist import the repository, whether or not
-    it is installed)."""
+    it is installed), then the collective guard's site directory, switched on unless the
+    environment sets ASCENDSPEED_COLLECTIVE_GUARD=0."""
     if env is None:
         out = {k: v for k, v in os.environ.items() if k not in _PORT_VARIABLES}
     else:
         out = dict(env)
     out.setdefault("OMP_NUM_THREADS", "1")
-    paths = [REPO_ROOT] + [p for p in out.get("PYTHONPATH", "").split(os.pathsep)
-                           if p and p != REPO_ROOT]
+    out.setdefault("ASCENDSPEED_COLLECTIVE_GUARD", "1")
+    paths = [REPO_ROOT, GUARD_SITE] + [p for p in out.get("PYTHONPATH", "").split(os.pathsep)
+                                       if p and p not in (REPO_ROOT, GUARD_SITE)]
     out["PYTHONPATH"] = os.pathsep.join(paths)
     out.update(extra)
     return out
@@ -47,9 +51,10 @@ def _target(script: str) -> list[str]:
     return [script if os.path.isabs(script) else os.path.join(REPO_ROOT, script)]
 
 
-def torchrun_command(script: str, args=(), nproc: int = 1) -> list[str]:
+def torchrun_command(script: str, args=(), nproc: int = 1, launcher_args=()) -> list[str]:
+    """`launcher_args`: more torchrun flags (e.g. --max-restarts 1)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *_target(script), *map(str, args)]
+            f"--nproc_per_node={nproc}", *launcher_args, *_target(script), *map(str, args)]
 
 
 def kill_process_tree(pid: int) -> None:
@@ -104,9 +109,10 @@ def run_torchrun(script: str, args=(), nproc: int = 1, *, env: dict | None = Non
 
 
 def start_torchrun(script: str, args=(), nproc: int = 1, *, env: dict | None = None,
-                   stdout=None, stderr=None, new_session: bool = True) -> subprocess.Popen:
+                   stdout=None, stderr=None, new_session: bool = True,
+                   launcher_args=()) -> subprocess.Popen:
     """A torchrun job left running (a server, a job to kill): the caller waits with a timeout
     and ends it with kill_process_tree."""
-    return subprocess.Popen(torchrun_command(script, args, nproc), cwd=REPO_ROOT,
+    return subprocess.Popen(torchrun_command(script, args, nproc, launcher_args), cwd=REPO_ROOT,
                             env=launch_env(env), stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=stderr, text=True, start_new_session=new_session)

@@ -1,7 +1,8 @@
 """Pipeline parallelism with real processes (torchrun, gloo on CPU).
 
 1. The schedules against one whole model in one process: 1F1B and interleaved 1F1B give the
-   same per-micro-batch losses and the same gradients, forward-only gives the same losses
+   same per-micro-batch losses and the same gradients, forward-only gives the same losses,
+   and every output a stage sends holds no data by its backward (freed once sent)
    (this file is also the torchrun worker for that, with --worker).
 2. pretrain_bloom.py at (TP, PP, DP) = (1,2,1), (2,2,1), (1,2,2), (2,1,2), with the interleaved
    schedule, sequence parallelism, ZeRO-1 and recompute switched on, and with the BigScience
@@ -29,6 +30,7 @@ def _check_schedule(num_layers: int, pp: int, v: int | None, m: int) -> None:
 
     from ascendspeed.core import parallel_state as ps
     from ascendspeed.core.pipeline_parallel.partition import stage_layout
+    from ascendspeed.core.pipeline_parallel import schedules as schedules_module
     from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
     from ascendspeed.model.bloom import BloomConfig, BloomModel
     from ascendspeed.training import forward_step
@@ -55,7 +57,20 @@ def _check_schedule(num_layers: int, pp: int, v: int | None, m: int) -> None:
     schedule = get_forward_backward_func(SimpleNamespace(
         pipeline_model_parallel_size=pp, num_layers_per_virtual_pipeline_stage=v))
     args = (forward_step, iter(batches), chunks, m, (2, 8, 32), torch.float32, lambda loss: loss)
-    got = schedule(*args)
+    # The storage of each output at its backward: a sent one (it has a gradient from the next
+    # stage; the loss has none) must have been freed to one element.
+    sent_storage, backward_step = [], schedules_module._backward_step
+
+    def recording_backward_step(input_tensor, output_tensor, output_tensor_grad, scale_loss):
+        if output_tensor_grad is not None:
+            sent_storage.append(output_tensor.untyped_storage().nbytes())
+        return backward_step(input_tensor, output_tensor, output_tensor_grad, scale_loss)
+
+    schedules_module._backward_step = recording_backward_step
+    try:
+        got = schedule(*args)
+    finally:
+        schedules_module._backward_step = backward_step
     with torch.no_grad():
         got_eval = schedule(forward_step, iter(batches), chunks, m, (2, 8, 32), torch.float32,
                             lambda loss: loss, forward_only=True)
@@ -68,6 +83,8 @@ def _check_schedule(num_layers: int, pp: int, v: int | None, m: int) -> None:
         assert_values_close(got_eval, expected, rel=FORWARD_REL, what=where)
     else:
         assert got == [] and got_eval == [], where
+    sending_chunks = len(chunks) - (1 if ps.is_pipeline_last_stage() else 0)
+    assert sent_storage == [4] * (m * sending_chunks), (where, sent_storage)  # one fp32 each
 
     reference_params = dict(reference.named_parameters())
     for chunk in chunks:
@@ -87,7 +104,9 @@ def _check_schedule(num_layers: int, pp: int, v: int | None, m: int) -> None:
 def _worker() -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from ascendspeed import device
+
+    dist.init_process_group(device.distributed_backend())  # the product's map
     pp = dist.get_world_size()
     cases = {2: [(4, None, 1), (4, None, 4), (4, 1, 2), (4, 1, 4), (8, 2, 6), (6, 1, 4)],
              4: [(4, None, 2), (4, None, 6), (8, 1, 4), (8, 1, 8), (12, 1, 4)]}[pp]

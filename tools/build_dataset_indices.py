@@ -4,7 +4,8 @@
         --train-samples 220000000 --valid-samples 1000 [--cutoff-last-epoch 0.95]
 
 Under `torchrun` every process takes part and one process per node builds while the others wait,
-exactly as the trainer does. Prints one line per split.
+exactly as the trainer does. Prints one line per split. Each index that is built shows its
+progress on stderr (entries built and written, rate, time left).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ascendspeed.arguments import (DataConfig, TokenizerConfig, add_data_args,  
 from ascendspeed.data.builders import build_datasets  # noqa: E402
 from ascendspeed.data.gpt_dataset import SPLIT_NAMES  # noqa: E402
 from ascendspeed.errors import AscendSpeedError, error_line  # noqa: E402
+from ascendspeed.progress import Progress  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     return build_datasets(DataConfig.from_args(args),
-                          [args.train_samples, args.valid_samples, args.test_samples])
+                          [args.train_samples, args.valid_samples, args.test_samples],
+                          progress=Progress)
 
 
 def describe(name: str, dataset) -> str:
@@ -64,7 +67,10 @@ def main(argv=None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch.distributed as dist
-        dist.init_process_group(backend="gloo")
+
+        from ascendspeed import device
+        # host only: the ranks exchange pickled host names and errors, never a device tensor
+        dist.init_process_group(backend=device.distributed_backend("cpu:gloo", kind="cpu"))
     start = time.time()
     try:
         datasets = build(args)

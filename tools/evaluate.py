@@ -21,6 +21,7 @@ stderr, exit status 2, before any process group exists.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
 
     from ascendspeed.evaluation.scoring import Scorer
 
-    start_processes(setup, args.distributed_backend, args.seed)
+    start_processes(setup, args.distributed_backend, args.seed,
+                    timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     status = 0
     try:
         scorer = Scorer(load_stage(setup, log), batch_size=args.micro_batch_size or 8,

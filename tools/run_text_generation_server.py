@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     from ascendspeed.generation import StageRunner
     from ascendspeed.generation.server import GenerationServer, follow
 
-    start_processes(setup, args.distributed_backend, args.seed, timeout=IDLE_TIMEOUT)
+    start_processes(setup, args.distributed_backend, args.seed,
+                    timeout=timedelta(minutes=args.distributed_timeout_minutes),
+                    idle_timeout=IDLE_TIMEOUT)
     try:
         runner = StageRunner(load_stage(setup, log), setup.tokenizer.vocab_size)
         if rank() == 0:

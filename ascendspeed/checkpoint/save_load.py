@@ -15,12 +15,15 @@ never runs pickled code:
 
 Crash safety: every rank writes into `iter_N.tmp/`; once all ranks are done, rank 0 renames it to
 `iter_N/` and only then rewrites the tracker (through a temporary file and a rename). A kill at any
-moment leaves the tracker naming a complete checkpoint.
+moment leaves the tracker naming a complete checkpoint. A write that fails on any rank (a full
+disk, a quota) fails the save on every rank with a CheckpointError naming the file; the staging
+directory is removed and the tracker still names the previous checkpoint.
 """
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,7 +153,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any (a collective; `flag` itself with one process)."""
     if not dist.is_initialized():
         return flag
-    tensor = torch.tensor([float(flag)])
+    tensor = torch.tensor([float(flag)])  # on the host: the default group's cpu:gloo entry
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -169,6 +172,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     final = os.path.join(root, iteration_dir_name(iteration))
     staging = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    failure = None
     if rank == 0:
         fresh_staging(final)  # (removing a crashed attempt at this iteration)
     _barrier()
@@ -192,13 +196,42 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
             state["opt_param_scheduler"] = scheduler.state_dict()
         if not config.checkpoint.no_save_rng:
             state.update(rng_state())
-        save_atomically(state, _this_rank_file(staging))
-    _barrier()
+        path = _this_rank_file(staging)
+        try:
+            save_atomically(state, path)
+        except (OSError, RuntimeError) as error:  # (torch.save reports a failed write as RuntimeError)
+            failure = f"rank {rank} could not write {path}: {_first_line(error)}"
+    _stop_on_failure(failure, root, iteration, staging)  # (the barrier: every rank has written)
     if rank == 0:
-        publish(staging, final)  # saving the same iteration again replaces it
-        write_tracker(root, iteration)
-    _barrier()
+        try:
+            publish(staging, final)  # saving the same iteration again replaces it
+            write_tracker(root, iteration)
+        except OSError as error:
+            failure = f"rank 0 could not publish {final}: {_first_line(error)}"
+    _stop_on_failure(failure, root, iteration, staging)
     return final
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _stop_on_failure(failure: str | None, root: str, iteration: int, staging: str) -> None:
+    """A collective: if any rank failed to write, every rank raises CheckpointError naming the
+    failed file(s), after rank 0 removed the staging directory (the tracker is untouched)."""
+    if not any_rank(failure is not None):
+        return
+    failures = [failure]
+    if dist.is_initialized():
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    previous = read_tracker(root)
+    raise CheckpointError(f"saving iteration {iteration} failed: {'; '.join(f for f in failures if f)}. "
+                          f"Removed {staging}; the latest checkpoint is still "
+                          f"{'iteration ' + str(previous) if previous is not None else 'none'}")
 
 
 # -------------------------------------------------------------------------------------- load

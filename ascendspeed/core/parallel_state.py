@@ -38,8 +38,10 @@ def rank_groups(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
-                              pipeline_model_parallel_size: int = 1) -> None:
-    """Create the groups. Every rank must call this (gloo/nccl create groups collectively)."""
+                              pipeline_model_parallel_size: int = 1, timeout=None) -> None:
+    """Create the groups. Every rank must call this (gloo/nccl create groups collectively).
+    `timeout` (a timedelta; None: torch's default) bounds the creation and every collective
+    of each group, as the default group's."""
     global _TP_GROUP, _PP_GROUP, _DP_GROUP, _EMBEDDING_GROUP, _TP_RANKS, _PP_RANKS, _DP_RANKS
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before the model-parallel groups")
@@ -47,7 +49,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     layout = rank_groups(world, tensor_model_parallel_size, pipeline_model_parallel_size)
     for kind in ("tp", "pp", "dp", "embedding"):
         for ranks in layout[kind]:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 if kind == "tp":
                     _TP_GROUP, _TP_RANKS = group, ranks

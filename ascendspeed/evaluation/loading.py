@@ -4,6 +4,7 @@ them. World size = TP x PP (the checkpoint's; tools/convert_tp.py reshards)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import torch.distributed as dist
 
@@ -24,5 +25,6 @@ def stop_processes() -> None:
 def load(args: argparse.Namespace, log=print):
     """(setup, this rank's loaded stage) from parsed pretrain_bloom.py-style flags."""
     setup = prepare(args, world_size(), log)
-    start_processes(setup, args.distributed_backend, args.seed)
+    start_processes(setup, args.distributed_backend, args.seed,
+                    timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     return setup, load_stage(setup, log)

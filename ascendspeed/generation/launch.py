@@ -7,11 +7,13 @@ import os
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.generation.loading import GenerationSetup
+from ascendspeed.job import rendezvous
 
 
 def world_size() -> int:
@@ -23,15 +25,16 @@ def rank() -> int:
 
 
 def start_processes(setup: GenerationSetup, backend: str | None, seed: int,
-                    timeout: timedelta | None = None) -> None:
+                    timeout: timedelta | None = None, idle_timeout: timedelta | None = None) -> None:
     """Process groups for the launched processes (none for one process), then the seeded RNG
     streams (the attention forks the TP-rank stream, as in training). `timeout` bounds every
-    collective: a server's followers wait in one for as long as no request comes."""
+    collective and group creation (None: torch's default); `idle_timeout` replaces it on the
+    default group: a server's followers wait there, in a broadcast, while no request comes."""
     if world_size() > 1 and not dist.is_initialized():
         device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend=backend or device.default_backend(), **kwargs)
+        rendezvous.init_process_group(device.distributed_backend(backend),
+                                      idle_timeout or timeout or default_pg_timeout)
     if dist.is_initialized() and not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(setup.tensor_model_parallel_size,
-                                     setup.pipeline_model_parallel_size)
+                                     setup.pipeline_model_parallel_size, timeout=timeout)
     model_parallel_seed(seed)

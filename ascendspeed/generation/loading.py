@@ -98,6 +98,8 @@ def prepare(args: argparse.Namespace, world_size: int, log=print) -> GenerationS
         raise ConfigError(f"the model flags differ from the checkpoint in {args.load} ("
                           + "; ".join(mismatches) + "): fix them or pass --use-checkpoint-args")
     _check_world(args, saved, world_size)
+    if world_size > 1:  # the process group's backend, refused here rather than at its creation
+        device.distributed_backend(getattr(args, "distributed_backend", None))
     if model.num_attention_heads % args.tensor_model_parallel_size:
         raise ConfigError(f"--num-attention-heads {model.num_attention_heads} is not divisible by "
                           f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
@@ -120,7 +122,8 @@ def prepare(args: argparse.Namespace, world_size: int, log=print) -> GenerationS
 
 
 def build_stage(setup: GenerationSetup) -> BloomModel:
-    """This rank's pipeline stage of the model (random weights; see load_stage)."""
+    """This rank's pipeline stage of the model, its parameters allocated on the device and not
+    filled (built on "meta", then to_empty): load_stage fills them from the checkpoint."""
     m = setup.model
     config = BloomConfig(vocab_size=setup.padded_vocab_size, hidden_size=m.hidden_size,
                          num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -134,7 +137,8 @@ def build_stage(setup: GenerationSetup) -> BloomModel:
                           partition_method=setup.saved_args.get("pp_partition_method"),
                           half_precision=setup.saved_args.get("params_dtype", "float32") != "float32")
     return BloomModel(config, pre_process=layout.pre_process, post_process=layout.post_process,
-                      layer_numbers=layout.chunks[0]).to(device.current_device()).eval()
+                      layer_numbers=layout.chunks[0], device="meta"
+                      ).to_empty(device=device.current_device()).eval()
 
 
 def load_stage(setup: GenerationSetup, log=print) -> BloomModel:

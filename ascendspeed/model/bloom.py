@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascendspeed.core import parallel_state as ps
-from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                              VocabParallelEmbedding,
+from ascendspeed.core.tensor_parallel import (ColumnParallelLinear, NormalInit,
+                                              RowParallelLinear, VocabParallelEmbedding,
                                               copy_to_tensor_model_parallel_region, divide,
                                               gather_from_sequence_parallel_region,
                                               get_rng_tracker, vocab_parallel_cross_entropy)
 from ascendspeed.core.tensor_parallel.layers import inference_linear
 from ascendspeed.core.tensor_parallel.cross_entropy import reference_vocab_parallel_cross_entropy
 from ascendspeed.core.tensor_parallel.random import checkpoint
-from ascendspeed.model import fused
+from ascendspeed.model import device_attention, fused
 from ascendspeed.model.bias_gelu import bias_gelu
 
 logger = logging.getLogger(__name__)
@@ -132,23 +132,24 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-def _normal(std: float, generator: torch.Generator):
-    return lambda tensor: tensor.normal_(0.0, std, generator=generator)
-
-
 @dataclass
 class AttentionMask:
     """What every layer's attention needs, built once per forward: the additive fp32 bias for
-    the reference path (SDPA), or, for the fused kernel (bias None), this rank's slopes, the
-    left padding of each row and the global position of the first query (cached tokens)."""
+    the reference path (SDPA), or, for a fused kernel (bias None), which one (fused.py's
+    selector), this rank's slopes, the left padding of each row, the global position of the
+    first query (cached tokens) and, for the NPU kernel, its pse and bool mask."""
     slopes: torch.Tensor
     bias: torch.Tensor | None = None
     key_offset: torch.Tensor | None = None
     query_start: int = 0
+    kernel: str = fused.CPU_KERNEL
+    npu_arguments: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class BloomAttention(nn.Module):
-    def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
+    """(Parameters unfilled: BloomBlock.reset_parameters fills them.)"""
+
+    def __init__(self, config: BloomConfig, device=None):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size()
         self.heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
@@ -157,10 +158,10 @@ class BloomAttention(nn.Module):
         self.recompute_core = config.recompute_granularity == "selective"
         h, dtype = config.hidden_size, config.params_dtype
         sp = _sequence_parallel(config)
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, _normal(config.init_method_std, generator),
-                                                    params_dtype=dtype, sequence_parallel=sp)
-        self.dense = RowParallelLinear(h, h, _normal(output_std, generator), skip_bias_add=True,
-                                       params_dtype=dtype, sequence_parallel=sp)
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, None, params_dtype=dtype,
+                                                    device=device, sequence_parallel=sp)
+        self.dense = RowParallelLinear(h, h, None, skip_bias_add=True, params_dtype=dtype,
+                                       device=device, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, cache: InferenceCache | None = None,
                 layer_number: int = 0):
@@ -185,7 +186,8 @@ class BloomAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         if mask.bias is None:
             return fused.alibi_attention(q, k, v, mask.slopes, key_offset=mask.key_offset,
-                                         query_start=mask.query_start, scale=scale)
+                                         query_start=mask.query_start, scale=scale, kernel=mask.kernel,
+                                         npu_arguments=mask.npu_arguments)
         dropout = self.dropout if self.training else 0.0
         with get_rng_tracker().fork():  # each TP rank drops out its own heads independently
             # The bias stays fp32 with bf16/fp16 q, k, v: ALiBi in bf16 loses up to 0.5 per score.
@@ -195,16 +197,18 @@ class BloomAttention(nn.Module):
 
 
 class BloomMLP(nn.Module):
-    def __init__(self, config: BloomConfig, generator: torch.Generator, output_std: float):
+    """(Parameters unfilled: BloomBlock.reset_parameters fills them.)"""
+
+    def __init__(self, config: BloomConfig, device=None):
         super().__init__()
         h, ffn, dtype = config.hidden_size, config.ffn_size, config.params_dtype
         sp = _sequence_parallel(config)
         self.fused_bias_gelu = config.fused_bias_gelu
-        self.dense_h_to_4h = ColumnParallelLinear(h, ffn, _normal(config.init_method_std, generator),
-                                                  params_dtype=dtype, sequence_parallel=sp,
+        self.dense_h_to_4h = ColumnParallelLinear(h, ffn, None, params_dtype=dtype, device=device,
+                                                  sequence_parallel=sp,
                                                   skip_bias_add=config.fused_bias_gelu)
-        self.dense_4h_to_h = RowParallelLinear(ffn, h, _normal(output_std, generator),
-                                               skip_bias_add=True, params_dtype=dtype,
+        self.dense_4h_to_h = RowParallelLinear(ffn, h, None, skip_bias_add=True,
+                                               params_dtype=dtype, device=device,
                                                sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, inference: bool = False):
@@ -217,19 +221,35 @@ class BloomMLP(nn.Module):
 
 
 class BloomBlock(nn.Module):
-    def __init__(self, config: BloomConfig, layer_number: int):
+    """(Parameters unfilled: reset_parameters fills them.)"""
+
+    def __init__(self, config: BloomConfig, layer_number: int, device=None):
         super().__init__()
-        generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, layer_number))
-        output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)  # scaled init
+        self.config = config
         h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
         sp = _sequence_parallel(config)
-        self.input_layernorm = _layernorm(h, eps, dtype, sp)
-        self.self_attention = BloomAttention(config, generator, output_std)
-        self.post_attention_layernorm = _layernorm(h, eps, dtype, sp)
-        self.mlp = BloomMLP(config, generator, output_std)
+        self.input_layernorm = _layernorm(h, eps, dtype, sp, device)
+        self.self_attention = BloomAttention(config, device)
+        self.post_attention_layernorm = _layernorm(h, eps, dtype, sp, device)
+        self.mlp = BloomMLP(config, device)
         self.hidden_dropout = config.hidden_dropout
         self.sequence_parallel = sp
         self.layer_number = layer_number
+
+    def reset_parameters(self) -> None:
+        """The seeded init: one stream per block (_layer_seed), drawn in this order. N(0, std)
+        for the input projections, N(0, std / sqrt(2 L)) for the output ones (Megatron's scaled
+        init), zero biases, LayerNorms at weight 1 and bias 0."""
+        config = self.config
+        generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, self.layer_number))
+        std = config.init_method_std
+        output_std = std / math.sqrt(2.0 * config.num_layers)
+        self.self_attention.query_key_value.reset_parameters(NormalInit(std, generator))
+        self.self_attention.dense.reset_parameters(NormalInit(output_std, generator))
+        self.mlp.dense_h_to_4h.reset_parameters(NormalInit(std, generator))
+        self.mlp.dense_4h_to_h.reset_parameters(NormalInit(output_std, generator))
+        self.input_layernorm.reset_parameters()
+        self.post_attention_layernorm.reset_parameters()
 
     def forward(self, x: torch.Tensor, mask: AttentionMask,
                 cache: InferenceCache | None = None) -> torch.Tensor:
@@ -244,10 +264,10 @@ def _sequence_parallel(config: BloomConfig) -> bool:
     return config.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
 
 
-def _layernorm(h: int, eps: float, dtype, sequence_parallel: bool) -> nn.LayerNorm:
+def _layernorm(h: int, eps: float, dtype, sequence_parallel: bool, device=None) -> nn.LayerNorm:
     """A LayerNorm; under sequence parallelism each TP rank normalises different tokens, so its
     gradients are partial sums that the optimizer adds up over TP (`sequence_parallel`)."""
-    norm = nn.LayerNorm(h, eps=eps, dtype=dtype)
+    norm = nn.LayerNorm(h, eps=eps, dtype=dtype, device=device)
     for param in norm.parameters():
         param.sequence_parallel = sequence_parallel
     return norm
@@ -296,10 +316,15 @@ class BloomModel(nn.Module):
     With pipeline parallelism the last stage holds its own copy of the word embeddings for the
     head. Both copies start from the same seed, and their gradients are summed over the embedding
     group, so they stay identical (the parameter carries `shared_embedding = True`).
+
+    The parameters are allocated on `device` and filled by `reset_parameters` (the seeded init).
+    On "meta" (the argument or torch.device("meta") around the constructor) nothing is allocated
+    or filled: `to_empty(device=...)` then allocates them on their device, for reset_parameters
+    or a checkpoint to fill, and no full matrix is ever built on the host.
     """
 
     def __init__(self, config: BloomConfig, pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: Sequence[int] | None = None):
+                 layer_numbers: Sequence[int] | None = None, device=None):
         super().__init__()
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
@@ -308,36 +333,72 @@ class BloomModel(nn.Module):
         h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
         self.word_embeddings = None
         if pre_process or post_process:
-            generator = torch.Generator().manual_seed(_layer_seed(config.init_seed, 0))
             self.word_embeddings = VocabParallelEmbedding(
-                config.vocab_size, h, _normal(config.init_method_std, generator), params_dtype=dtype,
+                config.vocab_size, h, None, params_dtype=dtype, device=device,
                 sequence_parallel=pre_process and _sequence_parallel(config))
             self.word_embeddings.weight.shared_embedding = not (pre_process and post_process)
         sp = self.sequence_parallel = _sequence_parallel(config)
         # The embedding LayerNorm's eps is fixed at 1e-5 in Megatron-DeepSpeed and HF alike.
-        self.embedding_layernorm = (_layernorm(h, 1e-5, dtype, sp)
+        self.embedding_layernorm = (_layernorm(h, 1e-5, dtype, sp, device)
                                     if pre_process and config.embed_layernorm else None)
-        self.layers = nn.ModuleList(BloomBlock(config, n) for n in self.layer_numbers)
-        self.final_layernorm = _layernorm(h, eps, dtype, sp) if post_process else None
+        self.layers = nn.ModuleList(BloomBlock(config, n, device) for n in self.layer_numbers)
+        self.final_layernorm = _layernorm(h, eps, dtype, sp, device) if post_process else None
+        slopes = self._rank_alibi_slopes()
+        self.register_buffer("alibi_slopes", slopes if device is None else slopes.to(device),
+                             persistent=False)
+        if not any(param.is_meta for param in self.parameters()):
+            self.reset_parameters()
+
+    def _rank_alibi_slopes(self) -> torch.Tensor:
+        """Slopes of all heads, then this rank's contiguous block (matching the QKV column split)."""
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        heads = divide(config.num_attention_heads, tp, "--num-attention-heads")
-        # Slopes of all heads, then this rank's contiguous block (matching the QKV column split).
-        self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads)
-                             [rank * heads:(rank + 1) * heads].clone(), persistent=False)
+        heads = divide(self.config.num_attention_heads, tp, "--num-attention-heads")
+        return alibi_slopes(self.config.num_attention_heads)[rank * heads:(rank + 1) * heads].clone()
+
+    def reset_parameters(self) -> None:
+        """The seeded init of every parameter: each component from its own stream (_layer_seed;
+        the embedding is layer 0), so any TP size or pipeline layout starts from the same
+        numbers; N(0, std) embeddings, LayerNorms at weight 1 and bias 0."""
+        if self.word_embeddings is not None:
+            generator = torch.Generator().manual_seed(_layer_seed(self.config.init_seed, 0))
+            self.word_embeddings.reset_parameters(NormalInit(self.config.init_method_std, generator))
+        for norm in (self.embedding_layernorm, self.final_layernorm):
+            if norm is not None:
+                norm.reset_parameters()
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def to_empty(self, *, device, recurse: bool = True) -> BloomModel:
+        """nn.Module.to_empty: the parameters allocated on `device`, unfilled (reset_parameters or
+        a checkpoint fills them). It keeps what torch's would lose: the parameters' attributes
+        (tensor_model_parallel, sequence_parallel, ...; leaving "meta" makes new Parameter
+        objects) and the ALiBi slopes (a computed buffer, not loaded from checkpoints)."""
+        attributes = {name: dict(vars(param)) for name, param in self.named_parameters()}
+        super().to_empty(device=device, recurse=recurse)
+        for name, param in self.named_parameters():
+            vars(param).update(attributes[name])
+        self.alibi_slopes = self._rank_alibi_slopes().to(device)
+        return self
 
     def attention_mask(self, batch: int, seq: int, attention_mask: torch.Tensor | None,
                        x: torch.Tensor, past: int = 0) -> AttentionMask:
-        """The fused kernel's arguments when it can run this forward (no attention dropout, a
-        dtype and device it takes, a mask that is only left padding), else the reference bias."""
+        """The fused kernel's arguments when the selector (fused.select_attention_kernel) finds
+        one for this forward's device, dtype, dropout and mask, else the reference bias."""
         slopes = self.alibi_slopes.to(x.device)
         dropout = self.config.attention_dropout if self.training else 0.0
-        if (self.config.fused_attention and fused.fused_attention_available()
-                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)):
+        if self.config.fused_attention:
             key_offset = None if attention_mask is None else _left_padding(attention_mask, past + seq)
-            if dropout == 0.0 and (attention_mask is None or key_offset is not None):
-                return AttentionMask(slopes, key_offset=key_offset, query_start=past)
-            _note_reference_attention("attention dropout > 0" if dropout else
-                                      "an attention mask that is not left padding")
+            kind = "causal" if attention_mask is None else ("left" if key_offset is not None else "other")
+            kernel, why = fused.select_attention_kernel(
+                x.device.type, x.dtype, self.config.head_dim, len(slopes), dropout=dropout, mask=kind,
+                query_start=past, s_q=seq, s_k=past + seq)
+            if kernel is not None:
+                npu_arguments = (device_attention.npu_alibi_arguments(
+                    slopes, seq, past + seq, past, key_offset, 1.0 / math.sqrt(self.config.head_dim), x.dtype,
+                    x.device) if kernel == fused.NPU_FUSION_ATTENTION else None)
+                return AttentionMask(slopes, key_offset=key_offset, query_start=past, kernel=kernel,
+                                     npu_arguments=npu_arguments)
+            _note_reference_attention(why)
         return AttentionMask(slopes, bias=self.attention_bias(batch, seq, attention_mask, x.device,
                                                               past))
 

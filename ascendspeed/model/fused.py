@@ -7,9 +7,11 @@ the output projection wants: `context.reshape(b, s, heads * hd)` is a view).
 `reference_alibi_attention(...)`: the same computation the way BloomModel does it today
 (F.scaled_dot_product_attention with an additive fp32 bias), same signature and output layout.
 
-`attention(..., fused=True)` is the selector: an unavailable kernel (not a CPU tensor, attention
-dropout, fp16/fp64) or `fused=False` (BloomConfig.fused_attention, i.e. `--no-fused-kernels`)
-takes the reference path.
+`select_attention_kernel(...)` is the selector: the C++ kernel on the CPU, flash-attn on CUDA and
+npu_fusion_attention on Ascend NPUs (model/device_attention.py), each where it takes the call's
+dtype, head dim, dropout and mask; otherwise None and the reason, and the caller takes the
+reference path. `attention(..., fused=True)` applies it to one call; `fused=False`
+(BloomConfig.fused_attention, i.e. `--no-fused-kernels`) always takes the reference.
 
 Semantics shared by both: q [b, heads, s_q, hd], k and v [b, heads, s_k, hd] (any strides with the
 last one 1); query row i sits at global position query_start + i and sees keys
@@ -25,8 +27,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ascendspeed.model import device_attention
+
 __all__ = ["alibi_attention", "reference_alibi_attention", "attention", "fused_attention_available",
-           "alibi_bias"]
+           "alibi_bias", "select_attention_kernel"]
+
+CPU_KERNEL, FLASH_ATTN, NPU_FUSION_ATTENTION = "cpu", "flash_attn", "npu_fusion_attention"
 
 # Query/key block sizes of the kernel (rows x keys per block product); tuned on a 2-core AVX-512
 # machine (benchmarks/bench_attention.py). Both must be even.
@@ -67,6 +73,29 @@ def fused_attention_available(q: torch.Tensor | None = None, dropout: float = 0.
     return True
 
 
+def select_attention_kernel(device_type: str, dtype: torch.dtype, head_dim: int, heads: int, *,
+                            dropout: float, mask: str, query_start: int, s_q: int,
+                            s_k: int) -> tuple[str | None, str | None]:
+    """(kernel, None) for the kernel that runs this attention call on `device_type`, or (None,
+    why not). `mask`: "causal" (no padding), "left" (left padding: key_offset) or "other" (any
+    other attention mask: only the reference's additive bias expresses it)."""
+    if mask == "other":
+        return None, "an attention mask that is not left padding"
+    if device_type == "cpu":
+        if dropout > 0.0:
+            return None, "attention dropout > 0"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return None, f"the CPU kernel takes fp32/bf16, not {dtype}"
+        if _load() is None:
+            return None, f"the CPU kernel is not built: {_module_error}"
+        return CPU_KERNEL, None
+    why = device_attention.unsupported_reason(device_type, dtype, head_dim, heads, dropout, mask == "left",
+                                              query_start, s_q, s_k)
+    if why is not None:
+        return None, why
+    return (FLASH_ATTN if device_type == "cuda" else NPU_FUSION_ATTENTION), None
+
+
 def kernel_info() -> str:
     module = _load()
     if module is None:
@@ -102,22 +131,34 @@ def _check(q, k, v, slopes, key_offset):
 
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *,
                     key_offset: torch.Tensor | None = None, query_start: int = 0,
-                    scale: float | None = None) -> torch.Tensor:
-    """Causal ALiBi attention through the fused kernel: context [b, s_q, heads, hd].
+                    scale: float | None = None, kernel: str = CPU_KERNEL,
+                    npu_arguments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal ALiBi attention through a fused kernel (`kernel`, as select_attention_kernel
+    chose it): context [b, s_q, heads, hd].
 
     q [b, heads, s_q, hd]; k, v [b, heads, s_k, hd] (strided views are fine, the head dimension
     must have stride 1); slopes fp32 [heads] (this rank's heads); key_offset int64 [b]: keys
-    before it are padding; query_start: global position of query row 0 (cached tokens)."""
+    before it are padding; query_start: global position of query row 0 (cached tokens).
+    `npu_arguments`: device_attention.npu_alibi_arguments' (pse, atten_mask), when the caller
+    shares them across layers (built here otherwise)."""
     _check(q, k, v, slopes, key_offset)
-    if not fused_attention_available(q):
-        raise RuntimeError(f"the fused attention kernel is not available here: {kernel_info()}, "
-                           f"q {q.dtype} on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
     if key_offset is not None:
         key_offset = key_offset.to(device=q.device, dtype=torch.int64).contiguous()
-    context = _AlibiAttention.apply(q, k, v, slopes, key_offset, int(query_start), scale)
-    if key_offset is not None:  # queries inside the left padding: the kernel leaves them zero
+    if kernel == FLASH_ATTN:
+        context = device_attention.flash_alibi_attention(q, k, v, slopes, scale)
+    elif kernel == NPU_FUSION_ATTENTION:
+        if npu_arguments is None:
+            npu_arguments = device_attention.npu_alibi_arguments(slopes, q.shape[2], k.shape[2], int(query_start),
+                                                                 key_offset, scale, q.dtype, q.device)
+        context = device_attention.npu_alibi_attention(q, k, v, *npu_arguments, scale)
+    else:
+        if not fused_attention_available(q):
+            raise RuntimeError(f"the fused attention kernel is not available here: {kernel_info()}, "
+                               f"q {q.dtype} on {q.device}")
+        context = _AlibiAttention.apply(q, k, v, slopes, key_offset, int(query_start), scale)
+    if key_offset is not None:  # queries inside the left padding: the kernels leave them undefined
         rows = int(query_start) + torch.arange(q.shape[2], device=q.device)
         padding = rows[None] < key_offset[:, None]  # [b, s_q]
         if bool(padding.any()):
@@ -165,9 +206,13 @@ def reference_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention(q, k, v, slopes, *, key_offset=None, query_start=0, scale=None, dropout_p=0.0,
               fused: bool = True) -> torch.Tensor:
-    """The selector: the fused kernel when asked for and available for these tensors and this
-    dropout, otherwise the reference. Context [b, s_q, heads, hd]."""
-    if fused and fused_attention_available(q, dropout_p):
-        return alibi_attention(q, k, v, slopes, key_offset=key_offset, query_start=query_start, scale=scale)
+    """One call through the selector: the device's fused kernel when asked for and it takes these
+    tensors and this dropout, otherwise the reference. Context [b, s_q, heads, hd]."""
+    kernel, _ = select_attention_kernel(q.device.type, q.dtype, q.shape[-1], q.shape[1], dropout=dropout_p,
+                                        mask="causal" if key_offset is None else "left",
+                                        query_start=query_start, s_q=q.shape[2], s_k=k.shape[2])
+    if fused and kernel is not None:
+        return alibi_attention(q, k, v, slopes, key_offset=key_offset, query_start=query_start, scale=scale,
+                               kernel=kernel)
     return reference_alibi_attention(q, k, v, slopes, key_offset=key_offset, query_start=query_start,
                                      scale=scale, dropout_p=dropout_p)

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 
 
@@ -23,8 +24,9 @@ def counts_toward_norm(param: torch.nn.Parameter) -> bool:
 
 def global_grad_norm(grads: list[torch.Tensor], *, sharded: bool) -> float:
     """L2 norm of the counted gradients `grads` (fp32) of all ranks."""
-    device = grads[0].device if grads else torch.device("cpu")
-    squares = torch.zeros((), dtype=torch.float32, device=device)
+    # on the device its peers use, even where this rank counts no gradient (ZeRO-1 x TP)
+    on = grads[0].device if grads else device.current_device()
+    squares = torch.zeros((), dtype=torch.float32, device=on)
     if grads:
         squares += torch.stack(torch._foreach_norm(grads)).pow(2).sum()
     groups = [(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()),

@@ -37,11 +37,13 @@ uninterrupted run's.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from ascendspeed import device
 from ascendspeed.core.distributed import DataParallelGrads, finalize_model_grads
 from ascendspeed.optimizer.clip_grads import clip_grads, counts_toward_norm, global_grad_norm
 
@@ -145,6 +147,10 @@ class MegatronOptimizer:
     # Unscale and check for inf/nan in one fused foreach kernel (torch's GradScaler op) instead of
     # a multiply plus four small kernels per gradient; False: the plain reference.
     fused_unscale = True
+    # --check-for-nan-in-loss-and-grad: a non-finite gradient norm leaves the parameters untouched
+    # (step returns (False, norm)) and `local_grads_finite` says whether this rank's were finite.
+    stop_on_non_finite_norm = False
+    local_grads_finite = True
 
     def __init__(self, grads: DataParallelGrads, scaler: LossScaler, clip_grad: float,
                  check_for_overflow: bool):
@@ -192,6 +198,10 @@ class MegatronOptimizer:
         elif self.scaler.scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         grad_norm = global_grad_norm(counted, sharded=self.sharded)
+        if self.stop_on_non_finite_norm and not math.isfinite(grad_norm):
+            self.local_grads_finite = all(bool(torch.isfinite(grad).all()) for grad in counted)
+            self._release_grads()
+            return False, grad_norm
         clip_grads(grads, self.clip_grad, grad_norm)
         self.optimizer.step()
         self._release_grads()
@@ -201,10 +211,11 @@ class MegatronOptimizer:
     def _unscale_and_find_inf(self, grads: list[torch.Tensor]) -> bool:
         """Divide the gradients by the loss scale; whether any rank's hold an inf/nan (one
         overflow skips the step everywhere)."""
-        device = grads[0].device if grads else "cpu"
-        found = torch.zeros(1, dtype=torch.float32, device=device)
+        # every rank's flag on the device its peers use, even with no gradients of its own
+        on = grads[0].device if grads else device.current_device()
+        found = torch.zeros(1, dtype=torch.float32, device=on)
         if self.fused_unscale and grads:
-            inverse = torch.full((1,), 1.0 / self.scaler.scale, dtype=torch.float32, device=device)
+            inverse = torch.full((1,), 1.0 / self.scaler.scale, dtype=torch.float32, device=on)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inverse)
         else:
             if self.scaler.scale != 1.0:

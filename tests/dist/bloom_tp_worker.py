@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 
+from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import (gather_from_tensor_model_parallel_region,
                                               model_parallel_seed, vocab_parallel_cross_entropy)
@@ -76,7 +77,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group(device.distributed_backend())  # the product's map
     tp = dist.get_world_size()
     ps.initialize_model_parallel(tp, 1)
     model_parallel_seed(1234)

@@ -9,6 +9,7 @@ import json
 import torch
 import torch.distributed as dist
 
+from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.tensor_parallel import model_parallel_seed
@@ -66,7 +67,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group(device.distributed_backend())  # the product's map
     ps.initialize_model_parallel(args.tp, args.pp)
     model_parallel_seed(1234)  # the attention forks the TP-rank RNG stream (dropout) even in eval
     model = stage_from_hf(torch.load(args.weights, weights_only=True),

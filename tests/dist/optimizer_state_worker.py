@@ -16,6 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.model.bloom import BloomConfig, BloomModel
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--dp1-state", default=None)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    dist.init_process_group(device.distributed_backend())  # the product's map
     torch.set_num_threads(1)
     results = {}
     for dtype in DTYPES:

@@ -13,6 +13,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from ascendspeed import device
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.model.bloom import BloomConfig, BloomModel
@@ -152,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    dist.init_process_group(device.distributed_backend())  # the product's map
     torch.set_num_threads(1)
     world = dist.get_world_size()
     results = {"fp32": train(), "bf16": train(dtype=torch.bfloat16)}

@@ -12,12 +12,18 @@ micro-batch's mean loss (a scalar). Backward runs on `scale_loss(loss / num_micr
 nothing here touches the optimizer otherwise. The m micro-batches are drawn from the iterator
 up front, the same on every rank, so that the chunks of an interleaved stage each see the
 micro-batches in order and every rank's iterator advances alike.
+
+An output sent to the next stage is needed afterwards only for its graph (its backward takes
+the gradient the next stage sends back), so once sent its data is freed, as Megatron's
+`deallocate_output_tensor` does, and its backward runs through `_run_backward`, which does not
+compare the gradient's shape with the freed tensor's.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel import p2p_communication as p2p
@@ -52,13 +58,32 @@ def _forward_step(forward_step: ForwardStep, chunk: torch.nn.Module, batch, inpu
     return output
 
 
+def deallocate_output_tensor(output_tensor: torch.Tensor | None) -> None:
+    """Free the data of an output already sent to the next stage, keeping its graph: its
+    backward needs only the gradient that comes back. A view frees nothing (its base holds the
+    memory), so it is left alone."""
+    if output_tensor is None or output_tensor._base is not None:
+        return
+    output_tensor.data = torch.empty((1,), device=output_tensor.device, dtype=output_tensor.dtype)
+
+
+def _run_backward(output_tensor: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """torch.autograd.backward(output_tensor, grad) without its check of grad's shape against
+    the tensor's (whose data deallocate_output_tensor may have freed): the same engine call,
+    which checks grad against the shape its graph recorded."""
+    if grad is None:  # a scalar loss: d loss / d loss = 1
+        grad = torch.ones_like(output_tensor, memory_format=torch.preserve_format)
+    _engine_run_backward((output_tensor,), (grad,), False, False, (), allow_unreachable=True,
+                         accumulate_grad=True)
+
+
 def _backward_step(input_tensor: torch.Tensor | None, output_tensor: torch.Tensor,
                    output_tensor_grad: torch.Tensor | None,
                    scale_loss: ScaleLoss) -> torch.Tensor | None:
     """Backward through one chunk; the gradient of its input, for the previous stage."""
     if output_tensor_grad is None:  # the loss: only its scaling is the optimizer's business
         output_tensor = scale_loss(output_tensor)
-    torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
+    _run_backward(output_tensor, output_tensor_grad)
     return None if input_tensor is None else input_tensor.grad
 
 
@@ -103,6 +128,8 @@ def forward_backward_pipelining_without_interleaving(forward_step, data_iterator
         if not forward_only:
             input_tensors.append(input_tensor)
             output_tensors.append(output_tensor)
+            if not is_last:  # sent: only its graph is needed now
+                deallocate_output_tensor(output_tensor)
 
     # Steady state: the next micro-batch's input was received before the loop (or at the end of
     # the previous step, together with sending a gradient back).
@@ -118,6 +145,8 @@ def forward_backward_pipelining_without_interleaving(forward_step, data_iterator
         output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, dtype)
         input_tensors.append(input_tensor)
         output_tensors.append(output_tensor)
+        if not is_last:
+            deallocate_output_tensor(output_tensor)
         input_tensor_grad = _backward_step(input_tensors.pop(0), output_tensors.pop(0),
                                            output_tensor_grad, scale_loss)
         if last_iteration:
@@ -210,6 +239,8 @@ def forward_backward_pipelining_with_interleaving(forward_step, data_iterator, m
         else:
             input_tensor = p2p.send_forward_recv_forward(output_tensor, recv_prev, tensor_shape,
                                                          dtype, needs_grad)
+        if needs_grad:  # sent (None: the loss, kept): only its graph is needed now
+            deallocate_output_tensor(output_tensor)
         input_tensors[next_chunk].append(input_tensor)
 
     # Steady state: one forward, one backward, one exchange.
@@ -242,6 +273,7 @@ def forward_backward_pipelining_with_interleaving(forward_step, data_iterator, m
             recv_prev = False
         input_tensor, output_tensor_grad = p2p.send_forward_backward_recv_forward_backward(
             output_tensor, input_tensor_grad, recv_prev, recv_next, tensor_shape, dtype)
+        deallocate_output_tensor(output_tensor)
         if recv_prev:
             input_tensors[next_forward_chunk].append(input_tensor)
         if recv_next:
