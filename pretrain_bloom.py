@@ -34,14 +34,11 @@ def main(argv=None) -> int:
     except AscendSpeedError as error:  # before any process group: nothing can hang
         print(error_line(error), file=sys.stderr)
         return 2
-    from ascendspeed.training import pretrain
+    from ascendspeed.training import pretrain, wait_for_every_rank
 
     try:
         pretrain(config, log=lambda line: print(line, flush=True))
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()  # nobody tears gloo down while a peer is still in a collective
+        wait_for_every_rank(config)  # nobody tears gloo down while a peer is still in a collective
     except AscendSpeedError as error:
         print(error_line(error), file=sys.stderr)
         return 2

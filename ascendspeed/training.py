@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ascendspeed import device
 from ascendspeed.arguments import PretrainConfig
 from ascendspeed.checkpoint.io import read_tracker
-from ascendspeed.checkpoint.save_load import LoadedState, any_rank, load_checkpoint, save_checkpoint
+from ascendspeed.checkpoint.save_load import LoadedState, load_checkpoint, save_checkpoint
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -33,7 +33,7 @@ from ascendspeed.data.tokenizer import build_tokenizer, vocab_size_with_padding
 from ascendspeed.errors import AscendSpeedError, ConfigError, JobLockError, TrainingError, error_line
 from ascendspeed.job import heartbeat as hb
 from ascendspeed.job import rendezvous
-from ascendspeed.job.collectives import named_failures
+from ascendspeed.job.collectives import any_rank, every_rank, named_failures
 from ascendspeed.job.launcher import watch_launcher
 from ascendspeed.job.lock import DirectoryLock
 from ascendspeed.microbatches import NumMicroBatchesCalculator
@@ -264,11 +264,7 @@ def train_step(model, optimizer, scheduler, data_iterator, config: PretrainConfi
 def _stop_on_non_finite(iteration: int, what: str, value: float, locally_finite: bool) -> None:
     """Every rank arrives here together (the value is global): name the ranks whose own loss or
     gradients were not finite, and stop."""
-    ranks = [0]
-    if dist.is_initialized():
-        flags: list = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, locally_finite)
-        ranks = [rank for rank, finite in enumerate(flags) if not finite]
+    ranks = [rank for rank, finite in enumerate(every_rank(locally_finite)) if not finite]
     where = f"rank(s) {', '.join(map(str, ranks))}" if ranks else "no single rank (the sum overflowed)"
     raise TrainingError(f"iteration {iteration}: non-finite {what} ({value}) from {where}; stopped "
                         f"before the optimizer step, so no checkpoint holds non-finite weights "
@@ -405,6 +401,43 @@ def pretrain(config: PretrainConfig, log=print) -> TrainResult:
     return result
 
 
+def wait_for_every_rank(config: PretrainConfig) -> None:
+    """A barrier over all ranks, bounded and named like every collective of the run."""
+    if dist.is_initialized():
+        with named_failures(config.parallel.distributed_timeout_minutes, "at the end of the run"):
+            dist.barrier()
+
+
+def describe_run(config: PretrainConfig) -> str:
+    """One log line of what the flags chose: precision, ZeRO-1, recompute, sequence parallelism
+    and every pipeline stage's layers (1-based), e.g. `bfloat16 | ZeRO-1 over DP 8 | recompute
+    full | stages: 0 embedding + layers 1-5, 1 layers 6-11, ...`."""
+    parallel = config.parallel
+    parts = [config.precision.params_dtype]
+    if parallel.use_distributed_optimizer:
+        parts.append(f"ZeRO-1 over DP {parallel.data_parallel_size}")
+    parts.append(f"recompute {config.model.recompute_granularity or 'none'}")
+    if parallel.sequence_parallel:
+        parts.append("sequence parallel")
+    pp = parallel.pipeline_model_parallel_size
+    if pp > 1:
+        stages = []
+        for p in range(pp):
+            layout = stage_layout(config.model.num_layers, pp, p,
+                                  parallel.num_layers_per_virtual_pipeline_stage,
+                                  parallel.pp_partition_method,
+                                  config.precision.params_dtype != "float32")
+            pieces = [f"layers {c[0]}-{c[-1]}" if len(c) > 1 else f"layer {c[0]}"
+                      for c in layout.chunks if c]
+            if layout.pre_process:
+                pieces.insert(0, "embedding")
+            if layout.post_process:
+                pieces.append("head")
+            stages.append(f"{p} {' + '.join(pieces)}")
+        parts.append(f"stages: {', '.join(stages)}")
+    return " | ".join(parts)
+
+
 def _progress(heartbeat: hb.Heartbeat) -> str:
     iteration = heartbeat.status["iteration"]
     return f"after iteration {iteration}" if iteration else "before the first iteration"
@@ -427,7 +460,8 @@ def _pretrain(config: PretrainConfig, log, heartbeat: hb.Heartbeat) -> tuple[Tra
     loaded = LoadedState()
     if config.checkpoint.load:
         loaded = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, config,
-                                 padded_vocab, log=log if is_logging_rank() else _quiet)
+                                 padded_vocab, log=log if is_logging_rank() else _quiet,
+                                 required=from_checkpoint)
         heartbeat.beat(loaded.iteration, loaded.consumed_train_samples, None)
     if is_logging_rank():
         params = sum(p.numel() for chunk in model for p in chunk.parameters())
@@ -435,6 +469,7 @@ def _pretrain(config: PretrainConfig, log, heartbeat: hb.Heartbeat) -> tuple[Tra
             f"{tokenizer.vocab_size}); world {config.parallel.world_size} = TP "
             f"{config.parallel.tensor_model_parallel_size} x PP "
             f"{config.parallel.pipeline_model_parallel_size} x DP {config.parallel.data_parallel_size}")
+        log(f" > {describe_run(config)}")
     train_loader, valid_loader = build_data_loaders(config, loaded.consumed_train_samples,
                                                     loaded.consumed_valid_samples)
     kind = config.data.dataloader_type
@@ -478,11 +513,13 @@ def _pretrain(config: PretrainConfig, log, heartbeat: hb.Heartbeat) -> tuple[Tra
         result.grad_norms.append(grad_norm)
         result.skipped_iterations += 0 if updated else 1
         interval.add(loss, updated)
-        heartbeat.beat(iteration, result.consumed_train_samples, loss)
-        if iteration % training.log_interval == 0 or iteration == training.train_iters:
+        logged = iteration % training.log_interval == 0 or iteration == training.train_iters
+        seconds = None
+        if logged:
             device.synchronize()
             seconds = interval.seconds_per_iteration()
-            heartbeat.beat(iteration, result.consumed_train_samples, None, seconds_per_iteration=seconds)
+        heartbeat.beat(iteration, result.consumed_train_samples, loss, seconds_per_iteration=seconds)
+        if logged:
             throughput = measure_throughput(
                 flops_per_iteration=model_flops_per_iteration(
                     config.model, global_batch, config.model.seq_length, padded_vocab),

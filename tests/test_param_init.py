@@ -205,3 +205,18 @@ def test_generation_stage_is_filled_by_the_checkpoint_alone(monkeypatch):
     load_model_state_dict(stage, state, "test")
     for (name, got), expected in zip(stage.state_dict().items(), saved.state_dict().values()):
         assert torch.equal(got, expected), name
+
+
+def test_a_model_built_for_a_checkpoint_is_not_trained_when_the_tracker_vanished(tmp_path):
+    """The trainer builds the model without init when --load has a tracker. If the tracker is
+    gone when the load runs, that model holds no weights: the load refuses instead of starting
+    from scratch (which it does, with a warning, when the model was initialised)."""
+    from ascendspeed.checkpoint.save_load import load_checkpoint
+    from ascendspeed.errors import CheckpointError
+
+    missing = str(tmp_path / "ckpt")
+    messages = []
+    assert load_checkpoint(missing, [], None, None, None, 64, log=messages.append).iteration == 0
+    assert "starting from scratch" in messages[0]
+    with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt disappeared"):
+        load_checkpoint(missing, [], None, None, None, 64, log=messages.append, required=True)

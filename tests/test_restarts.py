@@ -84,7 +84,7 @@ class Job:
         while not condition():
             assert self.process.poll() is None, f"the job ended before {what}:\n{self.output()}"
             assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.output()}"
-            time.sleep(0.01)
+            time.sleep(0.002)  # some moments (a save in progress) last milliseconds
 
     def printed(self, text: str) -> bool:
         return any(text in line for line in list(self.lines))
@@ -157,8 +157,17 @@ def _saved(iteration):
     return lambda job, save: tracker(save) == iteration
 
 
-def _saving(iteration):
-    return lambda job, save: os.path.isdir(os.path.join(save, f"iter_{iteration:07d}.tmp"))
+def _saving(first):
+    """While a save of iteration `first` or later is being written (its iter_N.tmp/ exists).
+    A tiny model's save lasts milliseconds, so every later save (9, 12) is a chance too."""
+    def saving(job, save):
+        try:
+            names = os.listdir(save)
+        except OSError:
+            return False
+        return any(re.fullmatch(r"iter_(\d{7})\.tmp", name) and int(name[5:12]) >= first
+                   for name in names)
+    return saving
 
 
 def _logged(iteration):

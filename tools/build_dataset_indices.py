@@ -32,10 +32,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--train-samples", type=int, default=0)
     group.add_argument("--valid-samples", type=int, default=0)
     group.add_argument("--test-samples", type=int, default=0)
+    group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                       help="under torchrun: how long a process waits for the others (the "
+                            "builders included) before failing")
     group.add_argument("--print-samples", type=int, default=0,
                        help="decode and print the first N training samples (needs the tokenizer flags)")
     add_tokenizer_args(parser)
     args = parser.parse_args(argv)
+    if not args.distributed_timeout_minutes > 0:
+        parser.error(f"--distributed-timeout-minutes must be positive, got "
+                     f"{args.distributed_timeout_minutes}")
     if args.print_samples and not args.tokenizer_type:
         parser.error("--print-samples needs --tokenizer-type and its files")
     if not args.data_path and not args.train_weighted_split_paths \
@@ -66,11 +72,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        import torch.distributed as dist
+        from datetime import timedelta
 
         from ascendspeed import device
-        # host only: the ranks exchange pickled host names and errors, never a device tensor
-        dist.init_process_group(backend=device.distributed_backend("cpu:gloo", kind="cpu"))
+        from ascendspeed.job import rendezvous
+        # host only: the ranks exchange pickled host names and errors, never a device tensor;
+        # joined as the trainer joins (bounded, and safe after a torchrun restart)
+        rendezvous.init_process_group(device.distributed_backend("cpu:gloo", kind="cpu"),
+                                      timedelta(minutes=args.distributed_timeout_minutes))
     start = time.time()
     try:
         datasets = build(args)

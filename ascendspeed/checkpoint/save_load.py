@@ -39,6 +39,7 @@ from ascendspeed.checkpoint.tensors import megatron_path, nest_model
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import get_rng_tracker
 from ascendspeed.errors import CheckpointError
+from ascendspeed.job.collectives import any_rank, every_rank
 
 # The run's sizes that must match the checkpoint's (name in `args`, flag that sets it).
 MATCHED_ARGS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
@@ -149,15 +150,6 @@ def run_args(config, padded_vocab_size: int) -> dict:
             "params_dtype": config.precision.params_dtype}
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any (a collective; `flag` itself with one process)."""
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([float(flag)])  # on the host: the default group's cpu:gloo entry
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -222,10 +214,7 @@ def _stop_on_failure(failure: str | None, root: str, iteration: int, staging: st
     failed file(s), after rank 0 removed the staging directory (the tracker is untouched)."""
     if not any_rank(failure is not None):
         return
-    failures = [failure]
-    if dist.is_initialized():
-        failures = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, failure)
+    failures = every_rank(failure)
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
     previous = read_tracker(root)
@@ -266,11 +255,12 @@ def check_args(saved: dict, ours: dict, path: str) -> None:
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, config,
-                    padded_vocab_size: int, log=print) -> LoadedState:
+                    padded_vocab_size: int, log=print, required: bool = False) -> LoadedState:
     """Load the tracker's checkpoint into the model (and, unless --no-load-optim/--finetune,
     optimizer, LR schedule, loss scale and data position; unless --no-load-rng/--finetune, RNG
     states). Without a tracker (or without the directory), start from scratch with a warning:
-    the first run of a job that saves to and loads from the same directory."""
+    the first run of a job that saves to and loads from the same directory; unless `required`
+    (the model was built uninitialised because a tracker was there): then a CheckpointError."""
     located, state, failure = None, None, None
     try:  # every rank checks its own file; then all agree, so that none waits for a failed peer
         located = locate_checkpoint(root)
@@ -289,6 +279,10 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, config,
     if any_rank(failure is not None):
         raise failure or CheckpointError(f"{root}: another rank could not load its part of the "
                                          f"checkpoint (its message is above)")
+    if located is None and required:
+        raise CheckpointError(f"{os.path.join(root, TRACKER_FILENAME)} disappeared while the "
+                              f"run started (it was there when the model was built, so the "
+                              f"model holds no initial weights); relaunch")
     if located is None:  # as Megatron: the first run of a job that saves to and loads from DIR
         log(f" > WARNING: no checkpoint to load ({os.path.join(root, TRACKER_FILENAME)} does not "
             f"exist): starting from scratch")

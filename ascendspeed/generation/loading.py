@@ -20,13 +20,14 @@ from ascendspeed import device
 from ascendspeed.arguments import ModelConfig, TokenizerConfig
 from ascendspeed.checkpoint.io import read_checkpoint_file, read_tracker
 from ascendspeed.checkpoint.layout import TRACKER_FILENAME
-from ascendspeed.checkpoint.save_load import (any_rank, apply_checkpoint_args, check_args,
+from ascendspeed.checkpoint.save_load import (apply_checkpoint_args, check_args,
                                               checkpoint_args, load_model_state_dict,
                                               locate_checkpoint)
 from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.pipeline_parallel.partition import stage_layout
 from ascendspeed.data.tokenizer import build_tokenizer
 from ascendspeed.errors import CheckpointError, ConfigError
+from ascendspeed.job.collectives import any_rank
 from ascendspeed.model.bloom import BloomConfig, BloomModel
 
 _SHAPE = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),

@@ -13,6 +13,7 @@ import os
 import re
 import traceback
 
+import torch
 import torch.distributed as dist
 
 from ascendspeed.core import parallel_state as ps
@@ -22,6 +23,25 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../as
 _C10D = os.path.join("torch", "distributed", "distributed_c10d.py")
 # What gloo, NCCL and the store say when a peer is gone or silent (DistError covers the rest).
 _TRANSPORT_WORDS = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (a collective; `flag` itself with one process)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([float(flag)])  # on the host: the default group's cpu:gloo entry
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def every_rank(value) -> list:
+    """Each rank's (picklable) `value`, in rank order, on every rank (a collective; [value]
+    with one process): how the ranks tell each other why they stopped."""
+    if not dist.is_initialized():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@
 #
 # Every size can be overridden from the environment, which is how the test suite runs this exact
 # flag set on a tiny model with 4 CPU processes (NPROC=4 TP=4 NUM_LAYERS=2 HIDDEN=64 ...).
-#   DATA_PATH        dataset prefix written by tools/preprocess_data.py (required)
+#   DATA_PATH        dataset prefix written by tools/preprocess_data.py, or a blend
+#                    "W1 PREFIX1 W2 PREFIX2 ..." (split on spaces; required)
 #   TOKENIZER_PATH   Hugging Face tokenizer directory (required)
 #   CHECKPOINT_PATH  --save/--load directory (left out when empty)
 set -euo pipefail
@@ -52,6 +53,7 @@ cat > "$DS_CONFIG" <<JSON
 }
 JSON
 
+read -r -a DATA_ARGS <<< "$DATA_PATH"
 RAMPUP_ARGS=()
 if [ -n "$RAMPUP" ]; then read -r -a RAMPUP_ARGS <<< "--rampup-batch-size $RAMPUP"; fi
 CHECKPOINT_ARGS=()
@@ -63,7 +65,7 @@ python -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes 1 \
   --rdzv_endpoint "localhost:${MASTER_PORT:-5999}" --rdzv_backend c10d --max_restarts 0 --tee 3 \
   pretrain_bloom.py \
   --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "$TOKENIZER_PATH" \
-  --data-path "$DATA_PATH" --data-impl mmap \
+  --data-path "${DATA_ARGS[@]}" --data-impl mmap \
   --embed-layernorm --position-embedding-type alibi \
   --attention-dropout 0 --hidden-dropout 0 --pad-vocab-size-to "$PAD_VOCAB_TO" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \

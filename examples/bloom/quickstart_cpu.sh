@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DATA_DIR=${DATA_DIR:-data/shakespeare}
-SEQ_LENGTH=${SEQ_LENGTH:-256}
-TRAIN_SAMPLES=${TRAIN_SAMPLES:-20000}
+TRAIN_ITERS=${TRAIN_ITERS:-150}
+export TRAIN_ITERS
 mkdir -p "$DATA_DIR"
 
 python tools/prepare_sample_corpus.py --output "$DATA_DIR/shakespeare.jsonl"
@@ -27,9 +27,13 @@ python tools/preprocess_data.py --input "$DATA_DIR/shakespeare.jsonl" \
   --output-prefix "$DATA_DIR/shakespeare" --json-keys text "${TOKENIZER[@]}" \
   --append-eod --workers 2 --log-interval 200
 
+# The index mappings pretrain_bloom_cpu.sh will ask for (its split, sequence length and seed; global
+# batch 8, validation every 50 iterations over 5 batches, a final test of 5 batches), so that the
+# trainer finds them built.
 python tools/build_dataset_indices.py --data-path "$DATA_DIR/shakespeare_text_document" \
-  --split 949,50,1 --seq-length "$SEQ_LENGTH" --train-samples "$TRAIN_SAMPLES" \
-  --valid-samples 200 --print-samples 1 "${TOKENIZER[@]}"
+  --split 949,50,1 --seq-length 256 --seed 42 --train-samples $((TRAIN_ITERS * 8)) \
+  --valid-samples $(((TRAIN_ITERS / 50 + 1) * 5 * 8)) --test-samples 40 \
+  --print-samples 1 "${TOKENIZER[@]}"
 
 echo "dataset ready: --data-path $DATA_DIR/shakespeare_text_document ${TOKENIZER[*]}"
 
