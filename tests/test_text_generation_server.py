@@ -50,9 +50,17 @@ def expected_text(reference, prompts, sampling, n=5):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """The server at TP=2 (the checkpoint resharded), on a free port; its log file."""
+    url, proc, log = start_server(checkpoint, tmp_path_factory.mktemp("server"))
+    yield url, proc, log
+    if proc.poll() is None:
+        kill_process_tree(proc.pid)
+
+
+def start_server(checkpoint, root):
+    """A TP=2 server of `checkpoint` (resharded under `root`) once it serves: (url, torchrun's
+    Popen, its log file)."""
     from ascendspeed.checkpoint.reshard import reshard
 
-    root = tmp_path_factory.mktemp("server")
     reshard(str(checkpoint[1]), str(root / "tp2"), 2, 1, pad_vocab_size_to=512,
             log=lambda message: None)
     log = root / "server.log"
@@ -67,9 +75,7 @@ def server(checkpoint, tmp_path_factory):
             kill_process_tree(proc.pid)
             pytest.fail(log.read_text()[-3000:], pytrace=False)
         time.sleep(0.2)
-    yield found.group(1), proc, log
-    if proc.poll() is None:
-        kill_process_tree(proc.pid)
+    return found.group(1), proc, log
 
 
 def put(url, body, raw=False):
@@ -208,6 +214,35 @@ def test_bad_flags_and_a_taken_port_exit_2(checkpoint, capsys, extra, message):
         assert module.main(generate_args(checkpoint)[:-2] + list(extra)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(" > ")]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.multiprocess
+def test_workers_stop_when_their_launcher_is_killed(checkpoint, tmp_path):
+    """kill -9 of torchrun alone (its workers live in their own sessions): each worker sees it
+    was re-parented and exits within seconds, freeing its port and device."""
+    url, proc, log = start_server(checkpoint, tmp_path)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    assert len(workers) == 2
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), log.read_text()[-3000:]
+        assert "the launcher (pid" in log.read_text()
+    finally:
+        for pid in workers:
+            kill_process_tree(int(pid))
+
+
+def _alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
 
 
 @pytest.mark.multiprocess

@@ -1,6 +1,8 @@
 """Starting the processes of a generation job (examples/bloom/generate_bloom.py,
-tools/run_text_generation_server.py): the launched TP x PP processes' groups and the seeded RNG
-streams, between loading.prepare (no process group yet) and loading.load_stage."""
+tools/run_text_generation_server.py, tools/evaluate.py): the launched TP x PP processes' groups
+and the seeded RNG streams, between loading.prepare (no process group yet) and
+loading.load_stage. Under torchrun each process also stops when its launcher is gone
+(job/launcher.py), so a killed launcher leaves no worker holding a device or a port."""
 from __future__ import annotations
 
 import os
@@ -14,6 +16,7 @@ from ascendspeed.core import parallel_state as ps
 from ascendspeed.core.tensor_parallel import model_parallel_seed
 from ascendspeed.generation.loading import GenerationSetup
 from ascendspeed.job import rendezvous
+from ascendspeed.job.launcher import watch_launcher
 
 
 def world_size() -> int:
@@ -30,6 +33,7 @@ def start_processes(setup: GenerationSetup, backend: str | None, seed: int,
     streams (the attention forks the TP-rank stream, as in training). `timeout` bounds every
     collective and group creation (None: torch's default); `idle_timeout` replaces it on the
     default group: a server's followers wait there, in a broadcast, while no request comes."""
+    watch_launcher()
     if world_size() > 1 and not dist.is_initialized():
         device.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         rendezvous.init_process_group(device.distributed_backend(backend),

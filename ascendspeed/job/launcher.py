@@ -17,10 +17,17 @@ import time
 EXIT_STATUS = 3  # distinct from a user error (2): the launcher vanished
 
 
+_watch: threading.Thread | None = None
+
+
 def watch_launcher(poll_seconds: float = 1.0) -> threading.Thread | None:
-    """Start the watch when this process was launched by torchrun; the thread, or None."""
+    """Start the watch (once per process) when this process was launched by torchrun; the
+    thread, or None."""
+    global _watch
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
+    if _watch is not None:
+        return _watch
     launcher = os.getppid()
     if launcher == 1:  # already orphaned before we looked
         _stop(launcher)
@@ -31,9 +38,9 @@ def watch_launcher(poll_seconds: float = 1.0) -> threading.Thread | None:
             if os.getppid() != launcher:
                 _stop(launcher)
 
-    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
-    thread.start()
-    return thread
+    _watch = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    _watch.start()
+    return _watch
 
 
 def _stop(launcher: int) -> None:
