@@ -232,10 +232,14 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_naming_the_collective(c
         job.wait_for(lambda: job.printed(f" iteration {3:8d}/"), "iteration 3")
         stopped_pid = job.send(1, signal.SIGSTOP)
         stopped = time.monotonic()
-        # rank 0 gives up after the timeout; torchrun then ends the stopped rank (SIGTERM stays
-        # pending on a stopped process: SIGKILL after its 30 s grace)
-        code = job.finish(timeout=60 * minutes + 60)
+        # rank 0 gives up after the timeout, naming the collective
+        job.wait_for(lambda: job.printed("error: rank 0: "), "rank 0's error",
+                     timeout=60 * minutes + 60)
         elapsed = time.monotonic() - stopped
+        # torchrun would end the stopped rank only after its 30 s SIGTERM grace (SIGTERM stays
+        # pending on a stopped process); an operator's kill -9 ends the job at once
+        os.kill(stopped_pid, signal.SIGKILL)
+        code = job.finish(timeout=60)
     finally:
         if stopped_pid is not None:
             kill_process_tree(stopped_pid)  # (SIGKILL ends a stopped process too)
