@@ -112,12 +112,7 @@ def build_model(config: PretrainConfig, padded_vocab_size: int,
                         fused_cross_entropy=config.kernels.fused_cross_entropy,
                         fused_bias_gelu=config.kernels.bias_gelu_fusion,
                         fused_attention=config.kernels.fused_attention)
-    parallel = config.parallel
-    layout = stage_layout(m.num_layers, parallel.pipeline_model_parallel_size,
-                          ps.get_pipeline_model_parallel_rank(),
-                          parallel.num_layers_per_virtual_pipeline_stage,
-                          parallel.pp_partition_method,
-                          half_precision=config.precision.params_dtype != "float32")
+    layout = pipeline_stage(config, ps.get_pipeline_model_parallel_rank())
     last = len(layout.chunks) - 1
     chunks = [BloomModel(bloom, pre_process=layout.pre_process and i == 0,
                          post_process=layout.post_process and i == last, layer_numbers=layers,
@@ -127,6 +122,15 @@ def build_model(config: PretrainConfig, padded_vocab_size: int,
         for chunk in chunks:
             chunk.reset_parameters()
     return chunks
+
+
+def pipeline_stage(config: PretrainConfig, pp_rank: int):
+    """The StageLayout (model chunks' layers, embedding / head) of pipeline stage `pp_rank`."""
+    parallel = config.parallel
+    return stage_layout(config.model.num_layers, parallel.pipeline_model_parallel_size, pp_rank,
+                        parallel.num_layers_per_virtual_pipeline_stage,
+                        parallel.pp_partition_method,
+                        half_precision=config.precision.params_dtype != "float32")
 
 
 def build_data_loaders(config: PretrainConfig, consumed_train_samples: int = 0,
@@ -423,10 +427,7 @@ def describe_run(config: PretrainConfig) -> str:
     if pp > 1:
         stages = []
         for p in range(pp):
-            layout = stage_layout(config.model.num_layers, pp, p,
-                                  parallel.num_layers_per_virtual_pipeline_stage,
-                                  parallel.pp_partition_method,
-                                  config.precision.params_dtype != "float32")
+            layout = pipeline_stage(config, p)
             pieces = [f"layers {c[0]}-{c[-1]}" if len(c) > 1 else f"layer {c[0]}"
                       for c in layout.chunks if c]
             if layout.pre_process:

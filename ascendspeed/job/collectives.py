@@ -4,7 +4,8 @@ With --distributed-timeout-minutes every collective of ours gives up when a peer
 answer, but gloo says only what its transport saw ("Timed out waiting 6000ms for recv operation
 to complete", "Connection reset by peer"), not which collective was waiting. `named_failures`
 turns such an error, raised anywhere in its block, into a TrainingError naming the collective,
-its group and our line that called it, all read from the error's traceback.
+its group and our line that called it, all read from the error's traceback. `any_rank` and
+`every_rank` are the small host-side votes the ranks use to stop together.
 """
 from __future__ import annotations
 
